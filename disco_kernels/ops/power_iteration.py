@@ -1,0 +1,53 @@
+"""Power iteration for the largest singular value of (m, n) or (b, m, n) W.
+
+Per iteration, with v a unit vector:  u = W v;  v' = Wᵀ u;
+sigma = ||v'|| / ||u||;  v = v' / ||v'||   (v kept where W v = 0).
+Pass the returned v back in to warm-start the next call. sigma and v are
+float32 (float64 for float64 W).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .. import reference
+from ..reference import default_start_vector
+
+KERNELS = ("torch",)
+
+
+def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int = 1, *, backend: str = "auto"):
+    """Return (sigma, v): the sigma_max estimate(s) and the right singular vector estimate(s)."""
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if W.dim() not in (2, 3):
+        raise ValueError(f"W must be (m, n) or (b, m, n), got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise TypeError(f"W must be a floating-point tensor, got dtype {W.dtype}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    acc = torch.promote_types(W.dtype, torch.float32)
+    if v is None:
+        v = default_start_vector(W)
+    elif v.shape != W.shape[:-2] + W.shape[-1:]:
+        raise ValueError(f"v must have shape {tuple(W.shape[:-2] + W.shape[-1:])} for W of shape {tuple(W.shape)}, got {tuple(v.shape)}")
+    v = v.to(device=W.device, dtype=acc).contiguous()
+    impl = _backend.resolve(backend, W.device, "power_iteration", KERNELS)
+    return torch.ops.disco_kernels.power_iteration(W, v, iters, impl)
+
+
+def _torch(W, v, iters):
+    return reference.power_iteration(W.to(v.dtype), v, iters)
+
+
+_IMPLS = {"torch": _torch}
+
+
+@torch.library.custom_op("disco_kernels::power_iteration", mutates_args=())
+def _power_iteration_op(W: torch.Tensor, v: torch.Tensor, iters: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _IMPLS[backend](W, v, iters)
+
+
+@_power_iteration_op.register_fake
+def _(W, v, iters, backend):
+    return v.new_empty(W.shape[:-2]), torch.empty_like(v)

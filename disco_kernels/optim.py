@@ -1,0 +1,273 @@
+"""Scion and ScionLight: drop-in replacements for the reference optimizers.
+
+Per parameter p with gradient g, in its group's (lr, momentum, norm, scale, unconstrained):
+
+    buf = (1 - momentum) buf + momentum g      (no buffer when momentum == 1)
+    u = scale * lmo(buf)
+    p = p (1 - lr)  [unless unconstrained];  p = p - lr u
+
+ScionLight keeps the momentum in p.grad instead: u = scale * lmo(p.grad), then
+p.grad *= (1 - momentum), so the next backward adds the new gradient to it.
+
+Beyond the reference: ``step(closure)``, params without grads skipped,
+same-shaped matrices orthogonalised in one batched call, fused kernels for the
+element/row/column-wise norms, validation before anything is modified, a
+non-finite-gradient policy, and state_dict round trips that resume bit-identically.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from . import _backend
+from .lmo import Norm, make_norm
+from .ops import fused_update
+from .ops.fused_update import apply_update_, momentum_
+
+NONFINITE = ("raise", "skip", "ignore")
+
+
+@dataclass
+class _Part:
+    """The params of one group that share one concrete norm."""
+    group: dict
+    norm: Norm
+    params: list
+    grads: list
+
+
+def _param_name(group: dict, i: int, p: torch.Tensor, gi: int) -> str:
+    names = group.get("param_names")
+    where = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
+    return f"{where} (shape {tuple(p.shape)})"
+
+
+def _check_hyper(group: dict) -> Norm:
+    """Validate a group's hyper-parameters; return its norm."""
+    lr, momentum, scale = group["lr"], group["momentum"], group["scale"]
+    if isinstance(lr, torch.Tensor):
+        lr = lr.item()
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be in [0, 1] (it is one minus the usual factor), got {momentum!r}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not isinstance(group["unconstrained"], bool):
+        raise TypeError(f"unconstrained must be a bool, got {group['unconstrained']!r}")
+    return make_norm(group["norm"], group["norm_kwargs"])
+
+
+class Scion(torch.optim.Optimizer):
+    """Scion (Pethick et al., 2025): steepest descent in a chosen norm per param group.
+
+    Args: as the reference, ``params``, ``lr``, ``momentum`` (one minus the usual
+    factor: 0.1 means 0.9 in torch.optim.SGD terms), ``norm`` (a key of
+    ``norm_dict``), ``norm_kwargs``, ``scale``, ``unconstrained``.
+    Keyword-only extras:
+      backend: "auto" | "torch" | "triton" | "cuda", the kernels to use.
+      nonfinite: "raise" (default) raises before any parameter or state is
+        modified when a gradient has inf/nan; "skip" warns and skips the whole
+        step; "ignore" does no check (saves one host sync per step).
+
+    Example::
+
+        opt = Scion([{"params": hidden, "norm": "Spectral", "scale": 50.0},
+                     {"params": [lm_head.weight], "norm": "Sign", "scale": 3000.0}],
+                    lr=2**-12, momentum=0.1)
+        opt.init()
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    _light = False
+
+    def __init__(self, params, lr=1e-3, momentum=1.0, norm: str = "Auto", norm_kwargs: dict | None = None,
+                 scale=1.0, unconstrained=False, *, backend: str = "auto", nonfinite: str = "raise"):
+        _backend.check_backend(backend)
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.backend = backend
+        self.nonfinite = nonfinite
+        defaults = dict(lr=lr, momentum=momentum, scale=scale, unconstrained=unconstrained, norm=norm,
+                        norm_kwargs={} if norm_kwargs is None else norm_kwargs)
+        _check_hyper(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its hyper-parameters and each param's rank against its norm."""
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        if merged["norm_kwargs"] is None:
+            merged["norm_kwargs"] = {}
+        norm = _check_hyper(merged)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if params and isinstance(params[0], tuple):  # named parameters
+            names = [n for n, _ in params]
+        else:
+            names = param_group.get("param_names")
+        for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) else p
+            if isinstance(p, torch.Tensor):
+                where = repr(names[i]) if names else f"params[{i}]"
+                norm.check(p.shape, f"{where} (shape {tuple(p.shape)})")
+        super().add_param_group({**param_group, "norm_kwargs": merged["norm_kwargs"]})
+
+    # -- step -----------------------------------------------------------------
+
+    def _plan(self) -> list[_Part]:
+        """Group every param with a grad by (group, concrete norm); validates, modifies nothing."""
+        parts = []
+        for gi, group in enumerate(self.param_groups):
+            norm = _check_hyper(group)
+            by_norm: dict[int, _Part] = {}
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise ValueError(f"Scion does not support sparse gradients: {_param_name(group, i, p, gi)}")
+                concrete = norm.resolve(p.shape)
+                concrete.check(p.shape, _param_name(group, i, p, gi))
+                part = by_norm.setdefault(id(concrete), _Part(group, concrete, [], []))
+                part.params.append(p)
+                part.grads.append(g)
+            parts.extend(by_norm.values())
+        return parts
+
+    def _all_finite(self, parts: list[_Part]) -> bool:
+        grads = [g for part in parts for g in part.grads]
+        if not grads or self.nonfinite == "ignore":
+            return True
+        maxes = torch._foreach_norm(grads, ord=math.inf)
+        by_device = defaultdict(list)
+        for m in maxes:
+            by_device[m.device].append(m)
+        if all(torch.stack(ms).isfinite().all().item() for ms in by_device.values()):
+            return True
+        if self.nonfinite == "skip":
+            warnings.warn("Scion: non-finite gradient, step skipped (parameters and state unchanged)", RuntimeWarning,
+                          stacklevel=3)
+            return False
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and not p.grad.isfinite().all():
+                    raise FloatingPointError(f"non-finite gradient in {_param_name(group, i, p, gi)}; "
+                                             "no parameter or state was modified (nonfinite='skip' skips such steps)")
+        return True
+
+    def _buffers(self, params, grads) -> list[torch.Tensor]:
+        bufs = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g)
+            bufs.append(state["momentum_buffer"])
+        return bufs
+
+    def _run(self, part: _Part) -> None:
+        group, norm, params, grads = part.group, part.norm, part.params, part.grads
+        lr, momentum, scale, unconstrained = group["lr"], group["momentum"], group["scale"], group["unconstrained"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+        use_buf = momentum != 1 and not self._light
+        if norm.fused is not None:
+            fused_update(params, grads, self._buffers(params, grads) if use_buf else None, lmo=norm.fused,
+                         lr=lr, momentum=momentum, scale=scale, unconstrained=unconstrained, light=self._light,
+                         backend=self.backend, **norm.flags())
+            return
+        dirs = grads
+        if use_buf:
+            dirs = self._buffers(params, grads)
+            momentum_(dirs, grads, momentum)
+        apply_update_(params, norm.lmo_many(dirs, backend=self.backend), lr, scale, unconstrained)
+        if self._light and momentum != 1:
+            torch._foreach_mul_(grads, 1 - momentum)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Scion step; returns ``closure()``'s loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        parts = self._plan()
+        if not self._all_finite(parts):
+            return loss
+        for part in parts:
+            self._run(part)
+        return loss
+
+    @torch.no_grad()
+    def init(self) -> None:
+        """Initialise every param as its group's norm prescribes, times the group's scale."""
+        for group in self.param_groups:
+            norm = make_norm(group["norm"], group["norm_kwargs"])
+            for p in group["params"]:
+                norm.resolve(p.shape).init(p)
+                p.mul_(group["scale"])
+
+    # -- state ----------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load after checking that saved groups and state fit these params; on error nothing changes."""
+        groups, saved_groups = self.param_groups, state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+            raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no'} "
+                             f"param groups, this optimizer has {len(groups)}")
+        params = {}
+        for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param_groups[{gi}] has {len(group['params'])} params, the state_dict's has "
+                                 f"{len(saved['params'])}")
+            _check_hyper({**self.defaults, **saved})
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                params[pid] = (gi, i, p)
+        for pid, state in state_dict.get("state", {}).items():
+            if pid not in params:
+                raise ValueError(f"state_dict has state for param id {pid!r}, which no param group lists")
+            gi, i, p = params[pid]
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"state_dict state {key!r} has shape {tuple(value.shape)}, but "
+                                     f"{_param_name(groups[gi], i, p, gi)} needs {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
+
+
+class ScionLight(Scion):
+    """Memory-light Scion: the momentum lives in p.grad (do not zero grads between steps).
+
+    After each step p.grad is scaled by (1 - momentum) so that the next backward
+    accumulates the new gradient into it. p.grad travels in the state_dict (as
+    ``grad_state``) so that a resumed run continues exactly.
+    """
+
+    _light = True
+
+    def __init__(self, params, lr=1e-3, momentum=1.0, norm: str = "Auto", norm_kwargs: dict | None = None,
+                 scale=1.0, unconstrained=False, *, backend: str = "auto", nonfinite: str = "raise"):
+        super().__init__(params, lr, momentum, norm, norm_kwargs, scale, unconstrained, backend=backend,
+                         nonfinite=nonfinite)
+        self._store_grads_in_state()
+        self.register_state_dict_pre_hook(type(self)._store_grads_in_state)
+        self.register_load_state_dict_post_hook(type(self)._load_grads_from_state)
+
+    def __getstate__(self):
+        self._store_grads_in_state()
+        return super().__getstate__()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._load_grads_from_state()
+
+    def _store_grads_in_state(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["grad_state"] = p.grad
+
+    def _load_grads_from_state(self) -> None:
+        for p, state in self.state.items():
+            p.grad = state.get("grad_state")

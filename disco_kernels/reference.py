@@ -1,0 +1,222 @@
+"""Plain-torch reference math for every op and LMO.
+
+Every backend (torch, Triton, CUDA) is tested against these functions run in
+float64. They follow LIONS-EPFL/scion ``scion.py`` (see DESIGN.md), written as
+batched, dtype-agnostic functions: ``G`` may be (m, n) or (..., m, n).
+Nothing here is tuned for speed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Triple = tuple[float, float, float]
+
+JORDAN: Triple = (3.4445, -4.7750, 2.0315)
+
+# Amsel, Persson, Musco, Gower (2025), "The Polar Express", 5 steps,
+# safety factor 2e-2, cushion 2; X normalised by 1.02 * ||X||_F + 1e-6.
+POLAR_EXPRESS: tuple[Triple, ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+# name -> (triples, frobenius multiplier, eps): X0 = G / (mult * ||G||_F + eps)
+_SCHEDULES = {
+    "jordan": ((JORDAN,), 1.0, 1e-7),
+    "polar_express": (POLAR_EXPRESS, 1.02, 1e-6),
+}
+
+
+def ns_schedule(coefficients="jordan", steps: int = 5) -> tuple[list[Triple], float, float]:
+    """Resolve a coefficient schedule into (per-step triples, norm multiplier, norm eps).
+
+    ``coefficients`` is ``"jordan"``, ``"polar_express"`` or a sequence of
+    (a, b, c) triples; a schedule shorter than ``steps`` repeats its last triple.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if isinstance(coefficients, str):
+        if coefficients not in _SCHEDULES:
+            raise ValueError(f"coefficients must be one of {sorted(_SCHEDULES)} or a list of (a, b, c), got {coefficients!r}")
+        triples, mult, eps = _SCHEDULES[coefficients]
+    else:
+        try:
+            triples = tuple(tuple(float(x) for x in t) for t in coefficients)
+        except TypeError:
+            raise ValueError(f"coefficients must be a name or a list of (a, b, c) triples, got {coefficients!r}") from None
+        if not triples or any(len(t) != 3 for t in triples):
+            raise ValueError(f"coefficients must be a non-empty list of (a, b, c) triples, got {coefficients!r}")
+        mult, eps = 1.0, 1e-7
+    per_step = [tuple(triples[min(i, len(triples) - 1)]) for i in range(steps)]
+    return per_step, mult, eps
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of the last two dims of ``G``.
+
+    X0 = G / (mult * ||G||_F + eps) (tall matrices transposed first); per step
+    A = X Xᵀ, X = a X + (b A + c A A) X. Runs in ``dtype`` (default G.dtype).
+    """
+    triples, mult, eps = ns_schedule(coefficients, steps)
+    dtype = dtype or G.dtype
+    tall = G.size(-2) > G.size(-1)
+    X = G.mT if tall else G
+    norm = torch.linalg.vector_norm(X.to(torch.promote_types(dtype, torch.float32)), dim=(-2, -1), keepdim=True)
+    X = (X / (mult * norm + eps)).to(dtype)
+    for a, b, c in triples:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def polar_factor(G: torch.Tensor) -> torch.Tensor:
+    """Exact orthogonal polar factor U Vᵀ of G = U S Vᵀ in float64 (zero where G is zero)."""
+    G64 = G.double()
+    U, S, Vh = torch.linalg.svd(G64, full_matrices=False)
+    # Singular directions with zero singular value carry no information: drop them.
+    keep = (S > S.amax(dim=-1, keepdim=True) * max(G64.shape[-2:]) * torch.finfo(torch.float64).eps).to(G64.dtype)
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+def spectral_scale(d_out: int, d_in: int, normalized: bool = True, max: bool = False) -> float:
+    """Scale of the Spectral LMO: sqrt(d_out / d_in) (normalized) or sqrt(d_out); max(1, .) if ``max``."""
+    s = math.sqrt(d_out / d_in) if normalized else math.sqrt(d_out)
+    return 1.0 if max and s < 1.0 else s
+
+
+def spectral_conv_scale(shape: Sequence[int]) -> float:
+    """Scale of the SpectralConv LMO: sqrt(c_out / c_in) / k (3-D) or / k² (4-D)."""
+    c_out, c_in, k = shape[0], shape[1], shape[2]
+    return math.sqrt(c_out / c_in) / (k if len(shape) == 3 else k * k)
+
+
+def lmo_spectral(g, steps=5, coefficients="jordan", normalized=True, max=False, dtype=None, exact=False):
+    """Spectral LMO: NS(g) (or the exact polar factor) times ``spectral_scale``."""
+    d_out, d_in = g.shape[-2:]
+    X = polar_factor(g) if exact else newton_schulz(g, steps, coefficients, dtype)
+    return X * spectral_scale(d_out, d_in, normalized, max)
+
+
+def lmo_spectral_conv(g, steps=5, coefficients="jordan", dtype=None, exact=False):
+    """SpectralConv LMO: NS of g reshaped to (c_out, -1), times ``spectral_conv_scale``."""
+    g2 = g.reshape(g.size(0), -1)
+    X = polar_factor(g2) if exact else newton_schulz(g2, steps, coefficients, dtype)
+    return X.reshape(g.shape) * spectral_conv_scale(g.shape)
+
+
+def lmo_colnorm(g, normalized=False, transpose=False):
+    """ColNorm: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8."""
+    if transpose:
+        g = g.mT
+    rms = torch.linalg.vector_norm(g, dim=-2, keepdim=True) / math.sqrt(g.size(-2))
+    if normalized:
+        rms = rms * g.size(-1)
+    out = g / (rms + 1e-8)
+    return out.mT if transpose else out
+
+
+def lmo_rownorm(g, normalized=True, transpose=False):
+    """RowNorm: each row over ||row||_2 (times sqrt(d_in) if normalized) + 1e-8."""
+    if transpose:
+        g = g.mT
+    rms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    if normalized:
+        rms = rms * math.sqrt(g.size(-1))
+    out = g / (rms + 1e-8)
+    return out.mT if transpose else out
+
+
+def lmo_sign(g, normalized=True):
+    """Sign: sign(g), divided by d_in (the last dim) if normalized."""
+    s = torch.sign(g)
+    return s / g.size(-1) if normalized else s
+
+
+def lmo_bias_rms(g):
+    """BiasRMS: g / (rms(g) + 1e-8), rms over dim 0 as in the reference."""
+    if g.dim() == 0:
+        return g / (g.abs() + 1e-8)
+    return g / (torch.sqrt(torch.mean(g * g, dim=0, keepdim=True)) + 1e-8)
+
+
+def scion_update(p, g, buf, lmo, lr, momentum, scale, unconstrained):
+    """One reference Scion step for one parameter, returning (new p, new buf)."""
+    if momentum != 1:
+        buf = buf * (1 - momentum) + g * momentum
+        g = buf
+    u = scale * lmo(g)
+    if not unconstrained:
+        p = p * (1 - lr)
+    return p - lr * u, buf
+
+
+def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int = 1):
+    """Estimate sigma_max(W) for (m, n) or (b, m, n) W.
+
+    v is a unit vector of size n per matrix. Each iteration: u = W v,
+    v' = Wᵀ u, sigma = ||v'|| / ||u||, v = v' / ||v'|| (v kept where W v = 0).
+    Returns (sigma, v) with sigma of shape W.shape[:-2].
+    """
+    if v is None:
+        v = default_start_vector(W)
+    v = v.to(W.dtype)
+    sigma = torch.zeros(W.shape[:-2], dtype=W.dtype, device=W.device)
+    for _ in range(iters):
+        u = (W @ v.unsqueeze(-1)).squeeze(-1)
+        w = (W.mT @ u.unsqueeze(-1)).squeeze(-1)
+        nu = torch.linalg.vector_norm(u, dim=-1)
+        nw = torch.linalg.vector_norm(w, dim=-1)
+        ok = nw > 0
+        sigma = torch.where(ok, nw / torch.where(ok, nu, 1), 0)
+        v = torch.where(ok.unsqueeze(-1), w / torch.where(ok, nw, 1).unsqueeze(-1), v)
+    return sigma, v
+
+
+def default_start_vector(W: torch.Tensor) -> torch.Tensor:
+    """Deterministic unit start vector(s) for power iteration (seeded Gaussian, float32)."""
+    n = W.size(-1)
+    gen = torch.Generator().manual_seed(0x5C10)
+    v = torch.randn(n, generator=gen, dtype=torch.float32)
+    v = v / torch.linalg.vector_norm(v)
+    return v.to(W.device).expand(*W.shape[:-2], n).contiguous()
+
+
+# Operator norms of a weight W stored (d_out, d_in), exact, in float64.
+
+def sigma_max(W):
+    """Largest singular value, from the fp64 SVD."""
+    return torch.linalg.matrix_norm(W.double(), ord=2)
+
+
+def rms_to_rms(W):
+    """RMS -> RMS norm: sqrt(d_in / d_out) * sigma_max(W)."""
+    d_out, d_in = W.shape[-2:]
+    return math.sqrt(d_in / d_out) * sigma_max(W)
+
+
+def rms_to_inf(W):
+    """RMS -> inf norm: sqrt(d_in) * max_i ||W[i, :]||_2 (the paper's output-layer norm)."""
+    return math.sqrt(W.size(-1)) * torch.linalg.vector_norm(W.double(), dim=-1).amax(dim=-1)
+
+
+def l1_to_rms(W):
+    """l1 -> RMS norm: max_j ||W[:, j]||_2 / sqrt(d_out)."""
+    return torch.linalg.vector_norm(W.double(), dim=-2).amax(dim=-1) / math.sqrt(W.size(-2))
+
+
+def supremum(W):
+    """Largest absolute entry: max |W_ij|."""
+    return W.double().abs().amax(dim=(-2, -1))
+
+
+def condition_number(W):
+    """sigma_max / sigma_min over the min(d_out, d_in) singular values (inf if singular)."""
+    s = torch.linalg.svdvals(W.double())
+    return s[..., 0] / s[..., -1]
