@@ -180,12 +180,15 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
 
 
 def default_start_vector(W: torch.Tensor) -> torch.Tensor:
-    """Deterministic unit start vector(s) for power iteration (seeded Gaussian, float32)."""
+    """Deterministic unit start vector(s) for power iteration: v_j ∝ sin(1 + j·golden angle).
+
+    A fixed, aperiodic vector (no RNG, so it traces under torch.compile); it is
+    orthogonal to a top singular vector only by accident of measure zero.
+    """
     n = W.size(-1)
-    gen = torch.Generator().manual_seed(0x5C10)
-    v = torch.randn(n, generator=gen, dtype=torch.float32)
+    v = torch.sin(1.0 + 2.399963229728653 * torch.arange(n, device=W.device, dtype=torch.float32))
     v = v / torch.linalg.vector_norm(v)
-    return v.to(W.device).expand(*W.shape[:-2], n).contiguous()
+    return v.expand(*W.shape[:-2], n).contiguous()
 
 
 # Operator norms of a weight W stored (d_out, d_in), exact, in float64.

@@ -1,0 +1,371 @@
+"""Scion / ScionLight against an independent restatement of the reference update rule,
+training smoke tests, state round trips, and bad input leaving everything untouched."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import disco_kernels as dk
+from tolerances import rel_err, unit
+
+
+# -- an independent restatement of LIONS-EPFL/scion's step, per parameter, in plain torch --
+
+def _ns(G, steps=5):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.T if G.size(0) > G.size(1) else G
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+def _lmo(name, g):
+    if name == "Spectral" or (name == "Auto" and g.dim() == 2):
+        return _ns(g) * math.sqrt(g.size(0) / g.size(1))
+    if name == "Auto" and g.dim() == 4:
+        c_out, c_in, k, _ = g.shape
+        return _ns(g.reshape(c_out, -1)).view(g.shape) * math.sqrt(c_out / c_in) / k ** 2
+    if name == "Auto" or name == "BiasRMS":
+        return g / (g.pow(2).mean(0, keepdim=True).sqrt() + 1e-8)
+    if name == "Sign":
+        return torch.sign(g) / g.size(1)
+    if name == "RowNorm":
+        return g / (g.norm(dim=-1, keepdim=True) * math.sqrt(g.size(-1)) + 1e-8)
+    if name == "ColNorm":  # transpose=True, normalized=False
+        gt = g.T
+        return (gt / (gt.norm(dim=0, keepdim=True) / math.sqrt(gt.size(0)) + 1e-8)).T
+    raise AssertionError(name)
+
+
+def reference_steps(params, grads_per_step, groups, light=False):
+    """Run the reference rule on copies; returns the final params."""
+    ps = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in ps]
+    carried = [torch.zeros_like(p) for p in ps]
+    for grads in grads_per_step:
+        for i, p in enumerate(ps):
+            if grads[i] is None:
+                carried[i] = torch.zeros_like(p)  # ScionLight: p.grad = None drops the carried momentum
+                continue
+            g = groups[i]
+            m = g["momentum"]
+            if light:
+                carried[i] = carried[i] + grads[i]
+                d = carried[i]
+            elif m != 1:
+                bufs[i] = bufs[i] * (1 - m) + grads[i] * m
+                d = bufs[i]
+            else:
+                d = grads[i]
+            u = g["scale"] * _lmo(g["norm"], d)
+            if not g["unconstrained"]:
+                p.mul_(1 - g["lr"])
+            p.sub_(g["lr"] * u)
+            if light and m != 1:
+                carried[i] = carried[i] * (1 - m)
+    return ps
+
+
+def _setup(dtype=torch.float64):
+    shapes = [(12, 20), (12, 20), (20, 12), (1, 1), (3, 2, 3, 3), (17,), (30, 8), (5, 8), (8, 8)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    spec = [
+        {"idx": [0, 1, 2, 3, 4, 5], "norm": "Auto", "lr": 0.05, "momentum": 0.1, "scale": 2.0, "unconstrained": False},
+        {"idx": [6], "norm": "ColNorm", "norm_kwargs": {"transpose": True}, "lr": 0.1, "momentum": 1.0, "scale": 1.0,
+         "unconstrained": True},
+        {"idx": [7], "norm": "Sign", "lr": 0.01, "momentum": 0.5, "scale": 3.0, "unconstrained": False},
+        {"idx": [8], "norm": "RowNorm", "lr": 0.02, "momentum": 0.3, "scale": 1.0, "unconstrained": False},
+    ]
+    per_param = {}
+    groups = []
+    for s in spec:
+        group = {k: v for k, v in s.items() if k != "idx"}
+        if s["norm"] == "Auto":
+            group["norm_kwargs"] = {"dtype": "float64"} if dtype == torch.float64 else {}
+        groups.append({**group, "params": [params[i] for i in s["idx"]]})
+        per_param.update({i: group for i in s["idx"]})
+    return params, groups, [per_param[i] for i in range(len(params))]
+
+
+def _grads(params, steps, missing=()):
+    return [[None if (t, i) in missing else torch.randn_like(p) for i, p in enumerate(params)] for t in range(steps)]
+
+
+def _run(opt, params, grads_per_step):
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            if g is None:
+                p.grad = None
+            elif isinstance(opt, dk.ScionLight):
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+            else:
+                p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("light", [False, True])
+def test_matches_reference_rule_fp64(light):
+    params, groups, per_param = _setup()
+    grads = _grads(params, 4, missing={(1, 3), (2, 0)})
+    expected = reference_steps(params, grads, per_param, light=light)
+    opt = (dk.ScionLight if light else dk.Scion)(groups)
+    _run(opt, params, grads)
+    for p, e in zip(params, expected):
+        assert rel_err(p.detach(), e) < 1e-12
+
+
+def test_matches_reference_rule_default_bf16_iteration():
+    """Default settings (bf16 Newton-Schulz like the reference) on fp32 params."""
+    params, groups, per_param = _setup(torch.float32)
+    grads = _grads(params, 3)
+    expected = reference_steps([p.double() for p in params], [[g.double() for g in gs] for gs in grads], per_param)
+    _run(dk.Scion(groups), params, grads)
+    for p, e in zip(params, expected):
+        # bf16 iteration: per-step error ~ the reference's own bf16 error, a few percent of the update
+        assert rel_err(p.detach(), e) < 64 * unit(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_params(dtype):
+    params, groups, per_param = _setup(dtype)
+    grads = _grads(params, 2)
+    expected = reference_steps([p.double() for p in params], [[g.double() for g in gs] for gs in grads], per_param)
+    _run(dk.Scion(groups), params, grads)
+    for p, e in zip(params, expected):
+        assert p.dtype == dtype
+        assert rel_err(p.detach(), e) < 64 * unit(dtype) + 64 * unit(torch.bfloat16)
+
+
+def test_noncontiguous_grads():
+    p = torch.nn.Parameter(torch.randn(6, 10, dtype=torch.float64))
+    q = torch.nn.Parameter(p.detach().clone())
+    g = torch.randn(10, 6, dtype=torch.float64).T
+    p.grad, q.grad = g, g.contiguous()
+    for x, norm in ((p, "Spectral"), (q, "Spectral")):
+        dk.Scion([x], lr=0.1, norm=norm, norm_kwargs={"dtype": "float64"}).step()
+    torch.testing.assert_close(p, q)
+
+
+def test_empty_and_gradless():
+    with pytest.raises(ValueError):  # torch's own rule: an optimizer needs parameters
+        dk.Scion([], lr=0.1)
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    before = p.detach().clone()
+    opt = dk.Scion([{"params": []}, {"params": [p]}], lr=0.1)
+    opt.step()
+    assert torch.equal(p, before) and not opt.state
+
+
+def test_step_closure_and_no_autograd():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = dk.Scion([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.requires_grad and p.grad_fn is None and not p.grad.requires_grad
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+                               torch.nn.Linear(64, 4))
+
+
+def _train(model, opt, x, y, steps, loss_fn):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=not isinstance(opt, dk.ScionLight))
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("cls", [dk.Scion, dk.ScionLight])
+def test_mlp_loss_decreases(cls):
+    model = _mlp()
+    groups = [{"params": [model[0].weight], "norm": "ColNorm", "scale": 1.0},
+              {"params": [model[2].weight], "norm": "Spectral", "scale": 3.0},
+              {"params": [model[4].weight], "norm": "Sign", "scale": 10.0},
+              {"params": [model[0].bias, model[2].bias, model[4].bias], "norm": "BiasRMS", "scale": 1.0}]
+    opt = cls(groups, lr=0.02, momentum=0.2)
+    opt.init()
+    x = torch.randn(256, 10)
+    y = (x[:, :4] @ torch.randn(4, 4)).argmax(1)
+    if cls is dk.ScionLight:  # momentum lives in grad: keep it, do not zero
+        opt.zero_grad = lambda set_to_none=False: None
+    losses = _train(model, opt, x, y, 60, torch.nn.functional.cross_entropy)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_tiny_transformer_loss_decreases():
+    torch.manual_seed(0)
+    vocab, d, T = 32, 32, 16
+    emb = torch.nn.Embedding(vocab, d)
+    block = torch.nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+    head = torch.nn.Linear(d, vocab, bias=False)
+    model = torch.nn.ModuleDict({"emb": emb, "block": block, "head": head})
+    hidden = [p for p in block.parameters() if p.dim() == 2]
+    vectors = [p for p in block.parameters() if p.dim() < 2]
+    opt = dk.Scion([{"params": [emb.weight], "norm": "ColNorm", "norm_kwargs": {"transpose": True}},
+                    {"params": hidden, "norm": "Spectral", "scale": 2.0},
+                    {"params": vectors, "norm": "BiasRMS"},
+                    {"params": [head.weight], "norm": "Sign", "scale": 16.0}], lr=0.02, momentum=0.1)
+    data = torch.arange(T + 1).repeat(8, 1) * 3 % vocab  # a learnable sequence
+    x, y = data[:, :-1], data[:, 1:]
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(T)
+
+    def loss_fn(_, __):
+        h = block(emb(x), src_mask=mask, is_causal=True)
+        return torch.nn.functional.cross_entropy(head(h).reshape(-1, vocab), y.reshape(-1))
+
+    losses = _train(lambda _: None, opt, None, None, 40, loss_fn)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# -- state -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [dk.Scion, dk.ScionLight])
+def test_state_dict_resume_bit_identical(cls):
+    params, groups, _ = _setup(torch.float32)
+    grads = _grads(params, 5)
+    opt = cls(groups)
+    _run(opt, params, grads[:3])
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
+    _run(opt, params, grads[3:])
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    params2, groups2, _ = _setup(torch.float32)
+    with torch.no_grad():
+        for p, s in zip(params2, saved["params"]):
+            p.copy_(s)
+    opt2 = cls(groups2)
+    opt2.load_state_dict(saved["opt"])
+    if cls is dk.ScionLight:
+        assert all(p.grad is not None for p in params2)
+    _run(opt2, params2, grads[3:])
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+
+
+def test_deepcopy_steps_identically():
+    params, groups, _ = _setup(torch.float32)
+    model = torch.nn.ParameterList(params)
+    opt = dk.Scion(groups)
+    _run(opt, params, _grads(params, 2))
+    model2 = copy.deepcopy(model)
+    index = {id(p): i for i, p in enumerate(params)}
+    groups2 = [{**g, "params": [model2[index[id(p)]] for p in g["params"]]} for g in groups]
+    opt2 = dk.Scion(groups2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    grads = _grads(params, 1)
+    _run(opt, params, grads)
+    _run(opt2, list(model2), grads)
+    for p, q in zip(params, model2):
+        assert torch.equal(p, q)
+    assert copy.deepcopy(opt).param_groups[0]["norm"] == "Auto"
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": -1.0}, "lr must be"), ({"lr": float("nan")}, "lr must be"), ({"momentum": -0.1}, "momentum must be"),
+    ({"momentum": 1.5}, "momentum must be"), ({"norm": "Nuclear"}, "norm must be one of"),
+    ({"norm": "Sign", "norm_kwargs": {"steps": 3}}, "norm_kwargs"), ({"scale": float("inf")}, "scale must be"),
+    ({"backend": "tpu"}, "backend must be"), ({"nonfinite": "maybe"}, "nonfinite must be"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dk.Scion([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
+
+
+@pytest.mark.parametrize("norm,shape", [("Spectral", (5,)), ("Sign", (2, 3, 4)), ("BiasRMS", (3, 3))])
+def test_wrong_rank_names_param(norm, shape):
+    with pytest.raises(ValueError, match=rf"{norm} needs .*'w1' \(shape"):
+        dk.Scion([("w0", torch.nn.Parameter(torch.randn(3, 3) if norm != "BiasRMS" else torch.randn(3))),
+                  ("w1", torch.nn.Parameter(torch.randn(shape)))], norm=norm)
+
+
+def test_add_param_group_validates():
+    opt = dk.Scion([torch.nn.Parameter(torch.randn(3, 3))])
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))], "lr": -2})
+    assert len(opt.param_groups) == 1
+
+
+def _snapshot(params, opt):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(params, opt, snap):
+    for p, s in zip(params, snap[0]):
+        assert torch.equal(p, s)
+    after = opt.state_dict()
+    assert after["param_groups"] == snap[1]["param_groups"]
+    for k, st in snap[1]["state"].items():
+        for key, v in st.items():
+            assert torch.equal(after["state"][k][key], v)
+
+
+def test_nonfinite_raises_and_changes_nothing():
+    params, groups, _ = _setup(torch.float32)
+    opt = dk.Scion(groups)
+    _run(opt, params, _grads(params, 1))
+    snap = _snapshot(params, opt)
+    grads = _grads(params, 1)[0]
+    grads[6][2, 3] = float("inf")
+    for p, g in zip(params, grads):
+        p.grad = g
+    with pytest.raises(FloatingPointError, match=r"param_groups\[1\]\['params'\]\[0\] \(shape \(30, 8\)\)"):
+        opt.step()
+    _assert_unchanged(params, opt, snap)
+
+
+def test_nonfinite_skip_warns():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    before = p.detach().clone()
+    p.grad = torch.full((4, 4), float("nan"))
+    opt = dk.Scion([p], momentum=0.5, nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert torch.equal(p, before) and not opt.state
+
+
+def test_load_mismatched_state_changes_nothing():
+    params, groups, _ = _setup(torch.float32)
+    opt = dk.Scion(groups)
+    _run(opt, params, _grads(params, 1))
+    snap = _snapshot(params, opt)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["momentum_buffer"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"momentum_buffer.*shape \(3, 3\).*needs \(12, 20\)"):
+        opt.load_state_dict(bad)
+    _assert_unchanged(params, opt, snap)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"] = bad["param_groups"][:2]
+    with pytest.raises(ValueError, match="param groups"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["norm"] = "Bogus"
+    with pytest.raises(ValueError, match="norm must be one of"):
+        opt.load_state_dict(bad)
+    _assert_unchanged(params, opt, snap)
+
+
+def test_init_scales_by_group():
+    w = torch.nn.Parameter(torch.empty(8, 8))
+    b = torch.nn.Parameter(torch.ones(8))
+    dk.Scion([{"params": [w], "norm": "Spectral", "scale": 3.0}, {"params": [b], "norm": "Auto"}]).init()
+    torch.testing.assert_close(torch.linalg.svdvals(w.detach()), torch.full((8,), 3.0))
+    assert b.abs().max() == 0
