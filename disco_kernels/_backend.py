@@ -47,22 +47,20 @@ def unavailable_reason(backend: str, device: torch.device, op: str, kernels: tup
     """Why ``backend`` cannot run ``op`` on ``device`` (None when it can)."""
     if backend == "torch":
         return None if "torch" in kernels else f"{op} has no torch implementation"
-    if backend not in kernels:
-        return f"{op} has no {backend} kernel"
     if backend == "triton":
         if (err := triton_error()) is not None:
             return err
         if device.type != "cuda" and not triton_interpreted():
             return f"Triton kernels need a CUDA tensor (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
-        return None
-    ext = cuda_extension()
-    if ext is None:
-        return "the CUDA extension disco_kernels._C was not built (install with nvcc available)"
-    if device.type != "cuda":
-        return f"CUDA kernels need a CUDA tensor (got {device.type})"
-    if op not in ext.kernels:
-        return f"the CUDA extension has no {op} kernel"
-    return None
+    else:
+        ext = cuda_extension()
+        if ext is None:
+            return "the CUDA extension disco_kernels._C was not built (install with nvcc available)"
+        if device.type != "cuda":
+            return f"CUDA kernels need a CUDA tensor (got {device.type})"
+        if op not in ext.kernels:
+            return f"the CUDA extension has no {op} kernel"
+    return None if backend in kernels else f"{op} has no {backend} kernel"
 
 
 def resolve(backend: str, device: torch.device, op: str, kernels: tuple[str, ...]) -> str:

@@ -59,8 +59,7 @@ def apply_update_(params, updates, lr, scale, unconstrained):
     updates = torch._foreach_mul(updates, scale)
     if not unconstrained:
         torch._foreach_mul_(params, 1 - lr)
-    for p, u in zip(params, updates):
-        p.add_(u, alpha=-lr)
+    torch._foreach_add_(params, updates, alpha=-lr)
 
 
 def _torch(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light):
