@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _backend
+from . import _backend, distributed
+from .distributed import local
 from .lmo import Norm, make_norm
 from .ops import fused_update
 from .ops.fused_update import apply_update_, momentum_
@@ -73,6 +74,12 @@ class Scion(torch.optim.Optimizer):
       nonfinite: "raise" (default) raises before any parameter or state is
         modified when a gradient has inf/nan; "skip" warns and skips the whole
         step; "ignore" does no check (saves one host sync per step).
+      process_group: None, "default" (the world group) or a ProcessGroup over
+        which replicated params (DDP) are sharded: each Newton-Schulz matrix
+        gets one owner rank that computes its LMO and broadcasts it. DTensor
+        params (FSDP2 ``fully_shard``) are sharded over their mesh without it.
+        Every rank then agrees on failures and non-finite gradients before any
+        update; ``comm_stats`` holds the last step's ``distributed.Stats``.
 
     Example::
 
@@ -86,12 +93,15 @@ class Scion(torch.optim.Optimizer):
     _light = False
 
     def __init__(self, params, lr=1e-3, momentum=1.0, norm: str = "Auto", norm_kwargs: dict | None = None,
-                 scale=1.0, unconstrained=False, *, backend: str = "auto", nonfinite: str = "raise"):
+                 scale=1.0, unconstrained=False, *, backend: str = "auto", nonfinite: str = "raise",
+                 process_group=None):
         _backend.check_backend(backend)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.backend = backend
         self.nonfinite = nonfinite
+        self.process_group = distributed.resolve_group(process_group)
+        self.comm_stats = distributed.Stats()
         defaults = dict(lr=lr, momentum=momentum, scale=scale, unconstrained=unconstrained, norm=norm,
                         norm_kwargs={} if norm_kwargs is None else norm_kwargs)
         _check_hyper(defaults)
@@ -168,23 +178,40 @@ class Scion(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         return bufs
 
+    def _directions(self, part: _Part) -> list[torch.Tensor]:
+        """The local tensors the LMO acts on: momentum buffers after this step's update, or the grads."""
+        if part.group["momentum"] != 1 and not self._light:
+            bufs = local(self._buffers(part.params, part.grads))
+            momentum_(bufs, local(part.grads), part.group["momentum"])
+            return bufs
+        return local(part.grads)
+
+    def _apply(self, part: _Part, updates: list[torch.Tensor]) -> None:
+        """p = p (1 - lr) - lr * scale * u on the local tensors; ScionLight then decays p.grad."""
+        group = part.group
+        lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+        apply_update_(local(part.params), updates, lr, group["scale"], group["unconstrained"])
+        if self._light and group["momentum"] != 1:
+            torch._foreach_mul_(local(part.grads), 1 - group["momentum"])
+
     def _run(self, part: _Part) -> None:
+        """The step of one part on this rank's tensors alone."""
         group, norm, params, grads = part.group, part.norm, part.params, part.grads
-        lr, momentum, scale, unconstrained = group["lr"], group["momentum"], group["scale"], group["unconstrained"]
-        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-        use_buf = momentum != 1 and not self._light
-        if norm.fused is not None:
-            fused_update(params, grads, self._buffers(params, grads) if use_buf else None, lmo=norm.fused,
-                         lr=lr, momentum=momentum, scale=scale, unconstrained=unconstrained, light=self._light,
-                         backend=self.backend, **norm.flags())
+        if norm.fused is None:
+            self._apply(part, norm.lmo_many(self._directions(part), backend=self.backend))
             return
-        dirs = grads
-        if use_buf:
-            dirs = self._buffers(params, grads)
-            momentum_(dirs, grads, momentum)
-        apply_update_(params, norm.lmo_many(dirs, backend=self.backend), lr, scale, unconstrained)
-        if self._light and momentum != 1:
-            torch._foreach_mul_(grads, 1 - momentum)
+        lr, momentum = group["lr"], group["momentum"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+        bufs = self._buffers(params, grads) if momentum != 1 and not self._light else None
+        fused_update(local(params), local(grads), local(bufs), lmo=norm.fused, lr=lr, momentum=momentum,
+                     scale=group["scale"], unconstrained=group["unconstrained"], light=self._light,
+                     backend=self.backend, **norm.flags())
+
+    def _flat_params(self) -> list[tuple[int, int, torch.Tensor]]:
+        return [(gi, i, p) for gi, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
+
+    def _is_distributed(self, flat) -> bool:
+        return self.process_group is not None or any(isinstance(p, distributed.DTensor) for _, _, p in flat)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -193,6 +220,13 @@ class Scion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        flat = self._flat_params()
+        if self._is_distributed(flat):
+            def name(k):
+                gi, i, p = flat[k]
+                return _param_name(self.param_groups[gi], i, p, gi)
+            self.comm_stats = distributed.step(self, [p for _, _, p in flat], name)
+            return loss
         parts = self._plan()
         if not self._all_finite(parts):
             return loss
@@ -206,6 +240,11 @@ class Scion(torch.optim.Optimizer):
         for group in self.param_groups:
             norm = make_norm(group["norm"], group["norm_kwargs"])
             for p in group["params"]:
+                if isinstance(p, distributed.DTensor):  # the same full init on every rank, then its shard
+                    full = torch.empty(p.shape, dtype=p.dtype, device=local([p])[0].device)
+                    norm.resolve(p.shape).init(full)
+                    distributed.set_from_full(p, full.mul_(group["scale"]))
+                    continue
                 norm.resolve(p.shape).init(p)
                 p.mul_(group["scale"])
 
@@ -247,9 +286,10 @@ class ScionLight(Scion):
     _light = True
 
     def __init__(self, params, lr=1e-3, momentum=1.0, norm: str = "Auto", norm_kwargs: dict | None = None,
-                 scale=1.0, unconstrained=False, *, backend: str = "auto", nonfinite: str = "raise"):
+                 scale=1.0, unconstrained=False, *, backend: str = "auto", nonfinite: str = "raise",
+                 process_group=None):
         super().__init__(params, lr, momentum, norm, norm_kwargs, scale, unconstrained, backend=backend,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, process_group=process_group)
         self._store_grads_in_state()
         self.register_state_dict_pre_hook(type(self)._store_grads_in_state)
         self.register_load_state_dict_post_hook(type(self)._load_grads_from_state)

@@ -1,0 +1,490 @@
+"""Sharded Scion step over torch.distributed: every Newton-Schulz matrix gets one owner rank.
+
+Each parameter has a layout, found from the tensor itself:
+
+    local       a plain tensor and no ``process_group``: the single-process step.
+    replicated  a plain tensor with ``process_group=`` (DDP, or the same model on
+                every rank), or a DTensor placed ``Replicate()``: every rank holds
+                the full gradient. The owner computes the LMO and broadcasts it.
+    sharded     a DTensor placed ``Shard(0)`` on a 1-D mesh (FSDP2 ``fully_shard``):
+                row shards travel to the owner with ``all_to_all``, the owner
+                orthogonalises the full matrix, and the rows of the result go back.
+
+and each (norm, layout) a route:
+
+    local   no communication: Sign and RowNorm always, every norm of a replicated
+            param but the Newton-Schulz ones, ColNorm(transpose=True) on row shards.
+    owner   Spectral / SpectralConv of replicated or sharded params.
+    reduce  row- or column-wise norms whose sums run across row shards (ColNorm,
+            RowNorm(transpose=True), BiasRMS): one all-reduce of sums of squares.
+
+Owners are balanced by Newton-Schulz FLOPs (largest first onto the least-loaded
+rank), the same on every rank. Each owner's matrices, sorted by shape so that
+equal shapes batch, are cut into rounds of about ``BUCKET_BYTES / world`` bytes;
+round k's transfer runs while round k + 1 computes. Results travel in the dtype
+the LMO produces, so the step equals the single-process step.
+
+Before anything is modified, every rank agrees with one all-reduce on: did any
+rank fail validation, which params have gradients, and which are non-finite.
+"""
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .lmo import BiasRMS, ColNorm, RowNorm, Sign
+
+BUCKET_BYTES = 64 << 20
+_SAME_ERRORS = (ValueError, TypeError, FloatingPointError, NotImplementedError)
+
+
+# -- layouts and routes ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """How a parameter is spread: kind is "local", "replicated" or "sharded"."""
+    kind: str
+    group: object = None
+
+
+LOCAL = Layout("local")
+
+
+def resolve_group(process_group):
+    """None, a ProcessGroup, or "default" (the world group, which must be initialised)."""
+    if process_group is None or isinstance(process_group, dist.ProcessGroup):
+        return process_group
+    if isinstance(process_group, str) and process_group == "default":
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError('process_group="default" needs torch.distributed.init_process_group() first')
+        return dist.group.WORLD
+    raise TypeError(f'process_group must be None, "default" or a ProcessGroup, got {process_group!r}')
+
+
+def layout(p: torch.Tensor, process_group=None) -> Layout:
+    """The layout of ``p`` (see the module docstring)."""
+    if isinstance(p, DTensor):
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        if mesh.ndim == 1 and type(placements[0]) is Shard and placements[0].dim == 0:
+            return Layout("sharded", mesh.get_group())
+        if mesh.ndim == 1 and isinstance(placements[0], Replicate):
+            return Layout("replicated", mesh.get_group())
+        raise NotImplementedError(f"Scion supports DTensors placed Shard(0) or Replicate() on a 1-D mesh, got "
+                                  f"{placements} on a {mesh.ndim}-D mesh for a param of shape {tuple(p.shape)}")
+    return LOCAL if process_group is None else Layout("replicated", process_group)
+
+
+def local(ts):
+    """Local tensors (the shard of a DTensor, the tensor itself otherwise); None stays None."""
+    if ts is None:
+        return None
+    return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+
+
+def _shard_local(norm) -> bool:
+    """True when the fused LMO of ``norm`` on a row shard equals the rows of the full LMO."""
+    if isinstance(norm, Sign):
+        return True
+    if isinstance(norm, RowNorm):
+        return not norm.transpose
+    if isinstance(norm, ColNorm):
+        return norm.transpose and not norm.normalized
+    return False
+
+
+def route(norm, lay: Layout) -> str:
+    """"local", "owner" or "reduce" (see the module docstring)."""
+    if norm.fused is None:
+        return "local" if lay.kind == "local" else "owner"
+    if lay.kind != "sharded" or _shard_local(norm):
+        return "local"
+    return "reduce"
+
+
+def reduction(norm, shape) -> tuple[int, float]:
+    """(dim, mult) with lmo(g) = g / (sqrt(sum of g² over dim) * mult + 1e-8), for a (d_out, d_in) or 1-D g."""
+    if isinstance(norm, BiasRMS):
+        return 0, 1 / math.sqrt(shape[0])
+    m, n = shape
+    if isinstance(norm, ColNorm):
+        if norm.transpose:
+            return 1, (m if norm.normalized else 1) / math.sqrt(n)
+        return 0, (n if norm.normalized else 1) / math.sqrt(m)
+    if isinstance(norm, RowNorm):
+        if norm.transpose:
+            return 0, math.sqrt(m) if norm.normalized else 1.0
+        return 1, math.sqrt(n) if norm.normalized else 1.0
+    raise TypeError(f"{type(norm).__name__} has no row/column reduction")
+
+
+# -- planning (pure functions of shapes; the benchmark uses them too) -----------
+
+def ns_flops(shape, steps: int = 5) -> int:
+    """Newton-Schulz FLOPs of a matrix ``shape`` (reshaped to (shape[0], -1)): steps * (4m²n + 2m³), m <= n."""
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    m, n = min(rows, cols), max(rows, cols)
+    return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def assign_owners(costs: list[int], world: int) -> list[int]:
+    """Owner rank per item: largest cost first onto the least-loaded rank (ties: lower index, lower rank)."""
+    heap = [(0, r) for r in range(world)]
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, r = heapq.heappop(heap)
+        owners[i] = r
+        heapq.heappush(heap, (load + costs[i], r))
+    return owners
+
+
+def plan_rounds(owners: list[int], nbytes: list[int], world: int, bucket_bytes: int = BUCKET_BYTES) -> list[list[int]]:
+    """Cut each owner's items (in list order) into chunks of about bucket_bytes / world bytes;
+    round k holds chunk k of every owner, owner by owner."""
+    cap = max(1, bucket_bytes // world)
+    chunks: list[list[list[int]]] = [[] for _ in range(world)]
+    filled = [cap] * world
+    for i, r in enumerate(owners):
+        if filled[r] + nbytes[i] > cap and (not chunks[r] or chunks[r][-1]):
+            chunks[r].append([])
+            filled[r] = 0
+        chunks[r][-1].append(i)
+        filled[r] += nbytes[i]
+    depth = max((len(c) for c in chunks), default=0)
+    return [[i for r in range(world) if k < len(chunks[r]) for i in chunks[r][k]] for k in range(depth)]
+
+
+@functools.lru_cache(maxsize=4096)
+def row_splits(rows: int, world: int) -> tuple[int, ...]:
+    """Rows per rank of a Shard(0) placement (torch.chunk: ceil(rows / world) each, the last ones short or empty)."""
+    size = -(-rows // world)
+    return tuple(max(0, min(rows, (r + 1) * size) - r * size) for r in range(world))
+
+
+@dataclass
+class Item:
+    """One Newton-Schulz matrix of the step: its sub-part, position there, full shape and cost."""
+    part: int
+    pos: int
+    shape: tuple
+    cost: int
+
+
+def order_items(items: list[Item]) -> list[Item]:
+    """Items sorted by shape (equal shapes batch on their owner), then by discovery order."""
+    return [it for _, it in sorted(enumerate(items), key=lambda e: (e[1].shape, e[0]))]
+
+
+def schedule(items: list[Item], world: int, itemsize: int, bucket_bytes: int = BUCKET_BYTES):
+    """(owners, rounds) for ``order_items(items)``; itemsize: bytes per element of the result."""
+    owners = assign_owners([it.cost for it in items], world)
+    nbytes = [math.prod(it.shape) * itemsize for it in items]
+    return owners, plan_rounds(owners, nbytes, world, bucket_bytes)
+
+
+def sharded_splits(items: list[Item], owners, rnd, rank: int, world: int):
+    """(to_owner, from_ranks): element counts this rank sends to each owner and receives from each rank
+    in the forward leg of round ``rnd`` (the return leg swaps them)."""
+    to_owner, from_ranks = [0] * world, [0] * world
+    for i in rnd:
+        shape = items[i].shape
+        cols = math.prod(shape[1:])
+        splits = row_splits(shape[0], world)
+        to_owner[owners[i]] += splits[rank] * cols
+        if owners[i] == rank:
+            for s in range(world):
+                from_ranks[s] += splits[s] * cols
+    return to_owner, from_ranks
+
+
+# -- execution --------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    """What this rank did in the last step: payload bytes received (all-reduces counted as a
+    ring's 2 (w - 1) / w of the buffer), collectives issued, Newton-Schulz FLOPs computed."""
+    bytes_received: int = 0
+    collectives: int = 0
+    ns_flops: int = 0
+
+
+class _Owned:
+    """The owner-route work of one process group: items, their directions and LMOs."""
+
+    def __init__(self, subparts, dirs, items, backend, stats):
+        self.subparts, self.dirs, self.items, self.backend, self.stats = subparts, dirs, items, backend, stats
+
+    def lmo(self, idx: list[int], fulls: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """LMOs of items ``idx`` (full directions in ``fulls``), batched per sub-part."""
+        by_part = defaultdict(list)
+        for i in idx:
+            by_part[self.items[i].part].append(i)
+        out = {}
+        for part, ids in by_part.items():
+            norm = self.subparts[part].norm
+            for i, u in zip(ids, norm.lmo_many([fulls[i] for i in ids], backend=self.backend)):
+                out[i] = u
+                self.stats.ns_flops += self.items[i].cost
+        return out
+
+
+def _out_dtype(subparts, items) -> torch.dtype:
+    return subparts[items[0].part].norm.dtype
+
+
+def _replicated(work: _Owned, group, updates) -> None:
+    """Owners compute their LMOs round by round; each round is broadcast from its owners while the next computes."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    items, dirs = work.items, work.dirs
+    dtype = _out_dtype(work.subparts, items)
+    owners, rounds = schedule(items, world, dtype.itemsize)
+    device = dirs[items[0].part][items[0].pos].device
+    pending = []
+    for rnd in rounds:
+        mine = [i for i in rnd if owners[i] == rank]
+        results = work.lmo(mine, {i: dirs[items[i].part][items[i].pos] for i in mine})
+        by_owner = defaultdict(list)
+        for i in rnd:
+            by_owner[owners[i]].append(i)
+        for o, idx in by_owner.items():
+            numel = sum(math.prod(items[i].shape) for i in idx)
+            if o == rank:
+                buf = torch.cat([results[i].reshape(-1) for i in idx])
+            else:
+                buf = torch.empty(numel, dtype=dtype, device=device)
+                work.stats.bytes_received += numel * dtype.itemsize
+            handle = dist.broadcast(buf, src=dist.get_global_rank(group, o), group=group, async_op=True)
+            work.stats.collectives += 1
+            pending.append((handle, buf, idx))
+    for handle, buf, idx in pending:
+        handle.wait()
+        for i, flat in zip(idx, buf.split([math.prod(items[i].shape) for i in idx])):
+            updates[items[i].part][items[i].pos] = flat.view(items[i].shape)
+
+
+def _sharded(work: _Owned, group, updates) -> None:
+    """Row shards go to owners (all_to_all), owners orthogonalise, result rows come back (all_to_all);
+    round k + 1's shards travel while round k computes, round k's results while round k + 1 computes."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    items, dirs = work.items, work.dirs
+    out_dtype = _out_dtype(work.subparts, items)
+    first = dirs[items[0].part][items[0].pos]
+    owners, rounds = schedule(items, world, out_dtype.itemsize)
+    splits = [row_splits(it.shape[0], world) for it in items]
+    cols = [math.prod(it.shape[1:]) for it in items]
+    for it, sp in zip(items, splits):
+        got = dirs[it.part][it.pos].shape[0]
+        if got != sp[rank]:
+            raise RuntimeError(f"rank {rank} holds {got} rows of a param of shape {it.shape}, "
+                               f"expected {sp[rank]} (torch.chunk layout)")
+
+    def a2a(out_numel, send, out_splits, in_splits, dtype):
+        out = torch.empty(out_numel, dtype=dtype, device=first.device)
+        handle = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True)
+        work.stats.collectives += 1
+        work.stats.bytes_received += (out_numel - out_splits[rank]) * dtype.itemsize
+        return handle, out
+
+    def forward(rnd):
+        to_owner, from_ranks = sharded_splits(items, owners, rnd, rank, world)
+        by_dest = sorted(rnd, key=lambda i: owners[i])
+        send = torch.cat([dirs[items[i].part][items[i].pos].reshape(-1) for i in by_dest])
+        return a2a(sum(from_ranks), send, from_ranks, to_owner, first.dtype)
+
+    def backward(rnd, out):
+        mine = [i for i in rnd if owners[i] == rank]
+        send = out.new_empty(0, dtype=out_dtype)
+        if mine:
+            pieces = out.split([splits[i][s] * cols[i] for s in range(world) for i in mine])
+            fulls = {i: torch.cat(pieces[j::len(mine)]).view(items[i].shape) for j, i in enumerate(mine)}
+            results = work.lmo(mine, fulls)
+            rows = {i: results[i].reshape(-1).split([n * cols[i] for n in splits[i]]) for i in mine}
+            send = torch.cat([rows[i][s] for s in range(world) for i in mine])
+        to_owner, from_ranks = sharded_splits(items, owners, rnd, rank, world)
+        return a2a(sum(to_owner), send, to_owner, from_ranks, out_dtype)
+
+    fwd = [forward(rounds[0])] if rounds else []
+    back = []
+    for k, rnd in enumerate(rounds):
+        if k + 1 < len(rounds):
+            fwd.append(forward(rounds[k + 1]))
+        handle, out = fwd[k]
+        handle.wait()
+        back.append(backward(rnd, out))
+    for rnd, (handle, out) in zip(rounds, back):
+        handle.wait()
+        by_owner = sorted(rnd, key=lambda i: owners[i])
+        for i, flat in zip(by_owner, out.split([splits[i][rank] * cols[i] for i in by_owner])):
+            updates[items[i].part][items[i].pos] = flat.view(splits[i][rank], *items[i].shape[1:])
+
+
+def _start_reduce(subparts, dirs, stats):
+    """Local sums of squares of every reduce-route direction; those over the sharded dim start
+    one async all-reduce per group. Returns (sums, pending all-reduces)."""
+    sums, by_group = [], defaultdict(list)
+    for k, sub in enumerate(subparts):
+        row = []
+        for p, g in zip(sub.params, dirs[k]):
+            dim, _ = reduction(sub.norm, p.shape)
+            ss = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(dim, keepdim=True)
+            row.append(ss)
+            if dim == 0:
+                by_group[layout(p).group].append((k, len(row) - 1))
+        sums.append(row)
+    pending = []
+    for group, where in by_group.items():
+        flat = torch.cat([sums[k][j].reshape(-1).double() for k, j in where])
+        pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, where))
+        stats.collectives += 1
+        world = dist.get_world_size(group)
+        stats.bytes_received += round(2 * (world - 1) / world * flat.numel() * flat.itemsize)  # as a ring all-reduce
+    return sums, pending
+
+
+def _finish_reduce(subparts, dirs, sums, pending, updates) -> None:
+    for handle, flat, where in pending:
+        handle.wait()
+        for (k, j), total in zip(where, flat.split([sums[k][j].numel() for k, j in where])):
+            sums[k][j] = total.view(sums[k][j].shape).to(sums[k][j].dtype)
+    for k, sub in enumerate(subparts):
+        for j, (p, g) in enumerate(zip(sub.params, dirs[k])):
+            _, mult = reduction(sub.norm, p.shape)
+            updates[k][j] = g / ((sums[k][j].sqrt() * mult).to(g.dtype) + 1e-8)
+
+
+# -- agreement --------------------------------------------------------------------
+
+def _flags(params, err, check_finite: bool, device) -> torch.Tensor:
+    """[failed, has grad (n), lacks grad (n), non-finite (n)] as 0/1 for a MAX all-reduce."""
+    n = len(params)
+    flags = torch.zeros(1 + 3 * n, dtype=torch.float32)
+    flags[0] = err is not None
+    grads = []  # with a non-empty local gradient (an empty one is finite and has no inf-norm)
+    for k, p in enumerate(params):
+        flags[1 + k + (n if p.grad is None else 0)] = 1
+        if p.grad is not None and local([p.grad])[0].numel():
+            grads.append(k)
+    flags = flags.to(device)
+    if check_finite and grads and err is None:
+        maxes = torch._foreach_norm(local([params[k].grad for k in grads]), ord=math.inf)
+        bad = (~torch.stack([m.to(device) for m in maxes]).isfinite()).float()
+        flags[1 + 2 * n + torch.tensor(grads, device=device)] = bad
+    return flags
+
+
+def _raise_agreed(group, err) -> None:
+    """Raise the same exception on every rank: the first failing rank's, naming that rank."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    mine = None if err is None else (type(err).__name__, str(err))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    src = next((r for r, e in enumerate(gathered) if e is not None), None)
+    if src is None:
+        raise RuntimeError("Scion: a rank of another process group failed validation; no parameter was modified")
+    name, msg = gathered[src]
+    cls = next((c for c in _SAME_ERRORS if c.__name__ == name), RuntimeError)
+    raise cls(f"{msg} [rank {src} of {world}; no parameter or state was modified on any rank]") from err
+
+
+def agree(opt, params, names, groups):
+    """Plan the step on every rank and agree on its validity with one all-reduce.
+    Returns the parts to run, or None when the step is skipped everywhere."""
+    try:
+        parts, err = opt._plan(), None
+    except Exception as e:  # one rank's bad input must not leave the others in a collective
+        parts, err = [], e
+    device = local([params[0]])[0].device if params else torch.device("cpu")
+    flags = _flags(params, err, opt.nonfinite != "ignore", device)
+    for group in groups:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    flags = flags.cpu()
+    n = len(params)
+    if flags[0]:
+        _raise_agreed(groups[0], err)
+    has, lacks, bad = flags[1:1 + n], flags[1 + n:1 + 2 * n], flags[1 + 2 * n:]
+    split = (has * lacks).nonzero()
+    if len(split):
+        raise ValueError(f"{names(int(split[0]))} has a gradient on some ranks and none on others; every rank must "
+                         "step the same params (no parameter or state was modified)")
+    if bad.any():
+        if opt.nonfinite == "skip":
+            warnings.warn("Scion: non-finite gradient on some rank, step skipped on every rank (parameters and "
+                          "state unchanged)", RuntimeWarning, stacklevel=4)
+            return None
+        raise FloatingPointError(f"non-finite gradient in {names(int(bad.nonzero()[0]))} on at least one rank; no "
+                                 "parameter or state was modified on any rank (nonfinite='skip' skips such steps)")
+    return parts
+
+
+# -- the step -----------------------------------------------------------------------
+
+def step(opt, params, names) -> Stats:
+    """One distributed Scion step of ``opt`` over its flat ``params``; ``names(k)`` describes params[k]."""
+    lays = [layout(p, opt.process_group) for p in params]
+    groups = list(dict.fromkeys(lay.group for lay in lays if lay.group is not None))
+    stats = Stats(collectives=len(groups))
+    parts = agree(opt, params, names, groups)
+    if parts is None:
+        return stats
+    subs = {"local": [], "owner": [], "reduce": []}
+    for part in parts:
+        for r, sub in _split(part, opt.process_group).items():
+            subs[r].append(sub)
+    for sub in subs["local"]:
+        opt._run(sub)
+    dirs_owner = [opt._directions(sub) for sub in subs["owner"]]
+    dirs_reduce = [opt._directions(sub) for sub in subs["reduce"]]
+    up_owner = [[None] * len(d) for d in dirs_owner]
+    up_reduce = [[None] * len(d) for d in dirs_reduce]
+    sums, pending = _start_reduce(subs["reduce"], dirs_reduce, stats)
+    for (kind, group, *_), items in _owner_items(subs["owner"], opt.process_group).items():
+        work = _Owned(subs["owner"], dirs_owner, items, opt.backend, stats)
+        (_sharded if kind == "sharded" else _replicated)(work, group, up_owner)
+    _finish_reduce(subs["reduce"], dirs_reduce, sums, pending, up_reduce)
+    for sub, ups in zip(subs["owner"] + subs["reduce"], up_owner + up_reduce):
+        opt._apply(sub, ups)
+    return stats
+
+
+def _split(part, process_group) -> dict:
+    """The params of one part, by route, as parts of the same type."""
+    idx = defaultdict(list)
+    for i, p in enumerate(part.params):
+        idx[route(part.norm, layout(p, process_group))].append(i)
+    return {r: type(part)(part.group, part.norm, [part.params[i] for i in ids], [part.grads[i] for i in ids])
+            for r, ids in idx.items()}
+
+
+def _owner_items(subparts, process_group) -> dict:
+    """Items of the owner route keyed by (layout kind, group, LMO dtype, direction dtype),
+    each list in ``order_items`` order."""
+    keyed = defaultdict(list)
+    for k, sub in enumerate(subparts):
+        for j, p in enumerate(sub.params):
+            lay = layout(p, process_group)
+            key = (lay.kind, lay.group, sub.norm.dtype, sub.grads[j].dtype)
+            keyed[key].append(Item(k, j, tuple(p.shape), ns_flops(p.shape, sub.norm.steps)))
+    return {key: order_items(items) for key, items in keyed.items()}
+
+
+# -- full tensors of DTensors (init) --------------------------------------------------
+
+def set_from_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the part of ``full`` (p's global shape) that this rank holds into p."""
+    if not isinstance(p, DTensor):
+        p.copy_(full)
+        return
+    lay = layout(p)
+    if lay.kind == "sharded":
+        rank, world = dist.get_rank(lay.group), dist.get_world_size(lay.group)
+        splits = row_splits(full.shape[0], world)
+        full = full.narrow(0, sum(splits[:rank]), splits[rank])
+    p.to_local().copy_(full)
