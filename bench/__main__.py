@@ -1,0 +1,123 @@
+"""``python -m bench [--quick | --smoke] [--out DIR]``: time every op and the whole
+optimizer step against the reference and peers, with the share of the device's peak.
+
+Writes results.json, results.csv and PNG plots to ``--out`` (default
+bench/out/<device>-<date>/) and prints a short table. ``--quick`` fits in two
+minutes on a 2-core CPU (shapes scaled down on CPU, and said so); ``--smoke``
+is a seconds-long run on tiny shapes (the test suite uses it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import fused_update, newton_schulz, optimizer_step, power_iteration, report
+from .case import Plan, measure
+from .device import Device, detect, environment
+from .shapes import OP_MODELS, STEP_MODELS, for_preset
+
+SUITES = {"newton_schulz": newton_schulz, "power_iteration": power_iteration, "fused_update": fused_update,
+          "step": optimizer_step}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="short run (< 2 min on a 2-core CPU)")
+    mode.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (CI)")
+    ap.add_argument("--out", type=Path, help="output directory (default bench/out/<device>-<date>)")
+    ap.add_argument("--suites", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
+    ap.add_argument("--impls", help="comma list of implementations to time (e.g. torch,compile,reference)")
+    ap.add_argument("--dtypes", help="comma list of fp32, bf16, fp16 (default: fp32,bf16 in full runs; "
+                    "else bf16 on a GPU, fp32 on a CPU)")
+    ap.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return ap.parse_args(argv)
+
+
+def _progress(items, total):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(items, total=total, unit="case", dynamic_ncols=True)
+        return
+    for i, item in enumerate(items, 1):
+        print(f"[{i}/{total}] {item.suite} {item.model} {item.case} {item.impl}", flush=True)
+        yield item
+
+
+def describe_shapes(plan: Plan) -> str:
+    dev = plan.device.torch_device
+    models = dict.fromkeys(for_preset(OP_MODELS, plan.preset, dev) + for_preset(STEP_MODELS, plan.preset, dev))
+    scaled = [f"{m.label} (d={m.d}, {m.layers} layers, ffn={m.ffn}, vocab={m.vocab})" for m in models
+              if m.scaled_by > 1]
+    return "real model shapes" if not scaled else "shapes scaled down for CPU: " + "; ".join(scaled)
+
+
+def make_plan(args, device: Device) -> Plan:
+    preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+    default = "fp32,bf16" if preset == "full" else "bf16" if device.is_cuda else "fp32"
+    dtypes = tuple(DTYPES[d] for d in (args.dtypes or default).split(","))
+    impls = frozenset(args.impls.split(",")) if args.impls else None
+    # torch.compile costs seconds of compile time per shape on a CPU: only in full runs there.
+    compile_ = preset == "full" or (device.is_cuda and preset == "quick")
+    return Plan(device, preset, dtypes, impls, compile_)
+
+
+def distributed_rows(quick: bool) -> list[dict]:
+    """Rows of bench/distributed.py (communication bytes, NS balance) when that module exists."""
+    if importlib.util.find_spec("bench.distributed") is None:
+        return []
+    from . import distributed
+    return distributed.run(quick)
+
+
+def main(argv=None) -> Path:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    device = detect(args.device)
+    plan = make_plan(args, device)
+    out = args.out or Path(__file__).parent / "out" / f"{device.slug()}-{datetime.date.today().isoformat()}"
+    print(f"device: {device.name} | peaks ({device.peak_source}): "
+          f"{', '.join(f'{k} {v:.3g} TFLOP/s' for k, v in device.peak_tflops.items())}, {device.peak_gbps:.4g} GB/s")
+    print(f"preset: {plan.preset} | {describe_shapes(plan)}")
+    if not plan.compile:
+        print("torch.compile: not timed in this preset on CPU (compile time); the full preset times it")
+    suites = [s.strip() for s in args.suites.split(",")]
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        raise SystemExit(f"unknown suites {sorted(unknown)}; choose from {', '.join(SUITES)}")
+    cases = [c for s in suites for c in SUITES[s].cases(plan)]
+    threads = torch.get_num_threads()
+    if plan.preset == "smoke":  # correctness, not speed: one thread never waits on a descheduled peer
+        torch.set_num_threads(1)
+    try:
+        rows = [measure(c, plan) for c in _progress(cases, len(cases))]
+    finally:
+        torch.set_num_threads(threads)
+    report.add_speedups(rows)
+    meta = {"environment": environment(device), "preset": plan.preset, "shapes": describe_shapes(plan),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    files = report.write(rows, meta, out)
+    if dist := distributed_rows(plan.preset != "full"):
+        files += report.write(dist, meta, out, stem="distributed")
+    if not args.no_plots:
+        files += report.plot(rows, out)
+    print(report.table(rows))
+    print(f"\n{len(rows)} cases in {time.perf_counter() - t0:.0f} s; results and plots in {out}/:")
+    for f in files:
+        print(f"  {f.name}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

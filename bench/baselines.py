@@ -1,0 +1,129 @@
+"""Baselines timed in the same run as our kernels.
+
+- ``reference_ns`` / ``ReferenceScion``: the reference Scion (LIONS-EPFL/scion)
+  restated as a plain per-parameter torch loop, its Newton-Schulz in bf16.
+- ``muon_ns``: the orthogonalisation of ``torch.optim.Muon`` where torch has it.
+- ``peer_ns``: peer packages when installed (never required).
+"""
+from __future__ import annotations
+
+import torch
+
+from disco_kernels import reference
+
+JORDAN = reference.JORDAN
+
+
+def reference_ns(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Newton-Schulz as the reference computes it, one matrix at a time (a batch is looped)."""
+    if G.dim() > 2:
+        return torch.stack([reference_ns(g, steps, dtype) for g in G])
+    a, b, c = JORDAN
+    X = G.to(dtype)
+    tall = G.size(0) > G.size(1)
+    if tall:
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.T if tall else X
+
+
+def reference_lmo(norm: str, kwargs: dict, ns_dtype: torch.dtype = torch.bfloat16):
+    """g -> lmo(g) of the reference norm ``norm`` with its constructor ``kwargs``."""
+    if norm == "Spectral":
+        def spectral(g):
+            d_out, d_in = g.shape
+            s = reference.spectral_scale(d_out, d_in, kwargs.get("normalized", True), kwargs.get("max", False))
+            return reference_ns(g, kwargs.get("steps", 5), ns_dtype) * s
+        return spectral
+    if norm == "ColNorm":
+        return lambda g: reference.lmo_colnorm(g, kwargs.get("normalized", False), kwargs.get("transpose", False))
+    if norm == "RowNorm":
+        return lambda g: reference.lmo_rownorm(g, kwargs.get("normalized", True), kwargs.get("transpose", False))
+    if norm == "Sign":
+        return lambda g: reference.lmo_sign(g, kwargs.get("normalized", True))
+    if norm == "BiasRMS":
+        return reference.lmo_bias_rms
+    raise ValueError(f"no reference LMO for norm {norm!r}")
+
+
+def reference_update_(p, g, buf, lmo, lr: float, momentum: float, scale: float, unconstrained: bool) -> None:
+    """One parameter's reference Scion step, in place on ``p`` (and ``buf`` when momentum != 1)."""
+    if momentum != 1:
+        buf.mul_(1 - momentum).add_(g, alpha=momentum)
+        g = buf
+    update = scale * lmo(g)
+    if not unconstrained:
+        p.mul_(1 - lr)
+    p.add_(update, alpha=-lr)
+
+
+def reference_update_all_(params, grads, bufs, lmo, lr, momentum, scale, unconstrained) -> None:
+    """``reference_update_`` over lists (the per-parameter loop; also what torch.compile is given)."""
+    for p, g, buf in zip(params, grads, bufs):
+        reference_update_(p, g, buf, lmo, lr, momentum, scale, unconstrained)
+
+
+class ReferenceScion:
+    """The reference Scion step as a per-parameter loop over groups of
+    {"params", "norm", "norm_kwargs", "scale"} (the keys dk.Scion takes)."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float, unconstrained: bool = False,
+                 ns_dtype: torch.dtype = torch.bfloat16):
+        self.groups = groups
+        self.lr, self.momentum, self.unconstrained = lr, momentum, unconstrained
+        self.lmos = [reference_lmo(g["norm"], g.get("norm_kwargs", {}), ns_dtype) for g in groups]
+        self.bufs = {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group, lmo in zip(self.groups, self.lmos):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if self.momentum != 1 and p not in self.bufs:
+                    self.bufs[p] = torch.zeros_like(p.grad)
+                reference_update_(p, p.grad, self.bufs.get(p), lmo, self.lr, self.momentum, group.get("scale", 1.0),
+                                  self.unconstrained)
+
+
+def _per_matrix(fn):
+    """Lift a 2-D-only orthogonaliser to (b, m, n) by looping over the batch."""
+    return lambda G: torch.stack([fn(g) for g in G]) if G.dim() > 2 else fn(G)
+
+
+def muon_ns():
+    """torch.optim.Muon's Newton-Schulz (jordan coefficients, 5 steps, bf16), or None when torch lacks it."""
+    try:
+        from torch.optim._muon import _zeropower_via_newtonschulz
+    except ImportError:
+        return None
+    return _per_matrix(lambda g: _zeropower_via_newtonschulz(g, JORDAN, 5, 1e-7))
+
+
+def peer_ns(device: torch.device) -> dict:
+    """{name: (G -> orthogonalised G, dtype its matmuls run in)} for the peer packages that import here."""
+    peers = {}
+    try:  # Dao-AILab/gram-newton-schulz: Gram NS, fp16 iterations, CuTeDSL kernels on GPU
+        from gram_newton_schulz import GramNewtonSchulz
+        peers["gram-newton-schulz"] = (GramNewtonSchulz(ns_coefficients=[list(JORDAN)] * 5,
+                                                        ns_use_kernels=device.type == "cuda"), torch.float16)
+    except Exception:
+        pass
+    try:  # NVIDIA-NeMo/Emerging-Optimizers: fp32 input, "simple" = jordan coefficients
+        from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz as eo_ns
+        peers["emerging-optimizers"] = (_per_matrix(lambda g: eo_ns(g.float(), 5, coefficient_type="simple")),
+                                        torch.float32)
+    except Exception:
+        pass
+    if device.type == "cuda":
+        try:  # microsoft/dion: Triton NS (its own 5 "quintic" coefficient steps, bf16)
+            from dion.newton_schulz_triton import newton_schulz_triton
+            peers["dion"] = (newton_schulz_triton, torch.bfloat16)
+        except Exception:
+            pass
+    return peers
+

@@ -1,0 +1,118 @@
+"""A benchmark case (one op or step, one shape, dtype and implementation) and its measurement.
+
+Every case knows its work: ``flops`` and ``bytes`` (read + written once), and
+which of them bounds it; the floor time on the device follows from its peaks,
+and ``share_of_peak = floor / measured time``.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import disco_kernels as dk
+
+from .device import Device, dtype_name
+from .timing import median_seconds
+
+
+def kernels(op: str) -> tuple[str, ...]:
+    """The backends with a kernel for ``op`` (the KERNELS tuple of disco_kernels.ops.<op>)."""
+    return importlib.import_module(f"disco_kernels.ops.{op}").KERNELS
+
+
+@dataclass
+class Plan:
+    """What to run: device, preset ("smoke" | "quick" | "full"), dtypes and an optional impl filter."""
+    device: Device
+    preset: str = "quick"
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    impls: frozenset[str] | None = None
+    compile: bool = False  # time torch.compile too (costs seconds of compile time per shape)
+
+    def wants(self, impl: str) -> bool:
+        return self.impls is None or impl in self.impls
+
+    def our_impls(self, backends: tuple[str, ...]) -> list[str]:
+        """Our implementations given the ``backends`` an op has kernels for: the available ones (Triton only
+        on a GPU: interpreted Triton is a correctness tool, not timed), then "compile" when the plan has it."""
+        dev = self.device.torch_device
+        names = [b for b in dk.available_backends(dev) if b in backends and (b != "triton" or dev.type == "cuda")]
+        if self.compile:
+            names.append("compile")
+        return [n for n in names if self.wants(n)]
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(self.device.torch_device).manual_seed(0)
+
+
+@dataclass
+class Case:
+    suite: str
+    model: str
+    case: str
+    shape: str
+    dtype: torch.dtype
+    impl: str
+    baseline: bool
+    flops: float
+    bytes: float
+    bound: str                              # "compute", "memory" or "both"
+    build: Callable[[], tuple[Callable[[], object], Callable[[], float] | None]]
+    compute_dtype: torch.dtype | None = None  # the dtype the flops run in (default: dtype)
+    extra: dict = field(default_factory=dict)
+
+    def floor_seconds(self, device: Device) -> float:
+        t = 0.0
+        if self.bound in ("compute", "both"):
+            t += self.flops / device.peak_flops(self.compute_dtype or self.dtype)
+        if self.bound in ("memory", "both"):
+            t += self.bytes / (device.peak_gbps * 1e9)
+        return t
+
+
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn), shared by all cases, with room for one graph per shape and dtype."""
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(getattr(cfg, key), 1024))
+    return torch.compile(fn)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref||_F / ||ref||_F in float64 (0 when both are 0)."""
+    x, ref = x.double(), ref.double()
+    den = torch.linalg.vector_norm(ref).item()
+    num = torch.linalg.vector_norm(x - ref).item()
+    return num / den if den else num
+
+
+def measure(case: Case, plan: Plan) -> dict:
+    """Time ``case`` on the plan's device; returns one result row (status "error: ..." on failure)."""
+    row = {"suite": case.suite, "model": case.model, "case": case.case, "shape": case.shape,
+           "dtype": dtype_name(case.dtype), "impl": case.impl, "baseline": case.baseline,
+           "flops": case.flops, "bytes": case.bytes, **case.extra}
+    try:
+        fn, check = case.build()
+        row["rel_err"] = check() if check is not None else math.nan
+        seconds = median_seconds(fn, plan.device.torch_device, plan.preset)
+    except Exception as e:  # a peer or backend failing must not end the run
+        row.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+        return row
+    finally:
+        fn = check = None
+        if plan.device.is_cuda:  # hand the case's memory back before the next one
+            gc.collect()
+            torch.cuda.empty_cache()
+    floor = case.floor_seconds(plan.device)
+    row.update(status="ok", time_ms=seconds * 1e3, tflops=case.flops / seconds / 1e12 if case.flops else None,
+               gbps=case.bytes / seconds / 1e9 if case.bytes else None, floor_ms=floor * 1e3,
+               share_of_peak=floor / seconds)
+    return row

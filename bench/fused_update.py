@@ -1,0 +1,83 @@
+"""Fused Scion updates (Sign, RowNorm, ColNorm, BiasRMS) on the tensors a model gives each.
+
+Bandwidth-bound: the floor reads p, g, buf and writes p, buf once. Ours:
+``dk.ops.fused_update`` per backend and torch.compile of the reference loop;
+baseline: the reference per-parameter loop. Error: of the update p_new - p
+against the same loop in fp64.
+"""
+from __future__ import annotations
+
+import torch
+
+import disco_kernels as dk
+
+from .baselines import reference_lmo, reference_update_all_
+from .case import Case, Plan, kernels, compiled, rel_err
+from .shapes import OP_MODELS, for_preset, update_bytes
+
+LR, MOMENTUM, SCALE = 0.01, 0.1, 1.0
+
+
+def targets(model):
+    """(case, lmo, flags, shapes): which of the model's tensors each fused LMO updates."""
+    groups = {g: shapes for g, _, _, shapes in model.groups()}
+    out = [("ColNorm embeddings", "ColNorm", {"transpose": True, "normalized": False}, groups["input"]),
+           ("RowNorm head", "RowNorm", {"normalized": True}, groups["output"]),
+           ("Sign head", "Sign", {"normalized": True}, groups["output"])]
+    if "vectors" in groups:
+        out.append((f"BiasRMS {len(groups['vectors'])} vectors", "BiasRMS", {}, groups["vectors"]))
+    return [(name, lmo, flags, [s for _, s in shapes]) for name, lmo, flags, shapes in out]
+
+
+def _tensors(plan, shapes, dtype):
+    gen, dev = plan.generator(), plan.device.torch_device
+    make = lambda: [torch.randn(s, generator=gen, device=dev).to(dtype) for s in shapes]  # noqa: E731
+    return make(), make(), make()
+
+
+def _reference(lmo, flags):
+    fn = reference_lmo(lmo, flags)
+    return lambda ps, gs, bs: reference_update_all_(ps, gs, bs, fn, LR, MOMENTUM, SCALE, False)
+
+
+def _impls(plan: Plan, lmo: str, flags: dict):
+    """(impl, baseline?, (params, grads, bufs) -> None, updating in place)."""
+    out = []
+    for b in plan.our_impls(kernels("fused_update")):
+        if b == "compile":
+            ref = _reference(lmo, flags)
+            out.append((b, False, lambda ps, gs, bs, ref=ref: compiled(ref)(ps, gs, bs)))
+        else:
+            out.append((b, False, lambda ps, gs, bs, b=b: dk.ops.fused_update(
+                ps, gs, bs, lmo=lmo, lr=LR, momentum=MOMENTUM, scale=SCALE, backend=b, **flags)))
+    out.append(("reference", True, _reference(lmo, flags)))
+    return [x for x in out if plan.wants(x[0])]
+
+
+def _case(plan, model, name, lmo, flags, shapes, dtype, impl, baseline, fn) -> Case:
+    def build():
+        ps, gs, bs = _tensors(plan, shapes, dtype)
+
+        def check():
+            p0 = [p.clone() for p in ps]
+            mine = [p.clone() for p in ps], [g.clone() for g in gs], [b.clone() for b in bs]
+            fn(*mine)
+            want = [p.double() for p in ps], [g.double() for g in gs], [b.double() for b in bs]
+            _reference(lmo, flags)(*want)
+            return rel_err(torch.cat([(a - p).double().flatten() for a, p in zip(mine[0], p0)]),
+                           torch.cat([(a - p).flatten() for a, p in zip(want[0], p0)]))
+        return lambda: fn(ps, gs, bs), check
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    shape = "x".join(map(str, shapes[0])) + (f" +{len(shapes) - 1}" if len(shapes) > 1 else "")
+    return Case("fused_update", model, name, shape, dtype, impl, baseline, flops=0,
+                bytes=update_bytes(numel, dtype.itemsize, MOMENTUM), bound="memory", build=build)
+
+
+def cases(plan: Plan) -> list[Case]:
+    out = []
+    for model in for_preset(OP_MODELS, plan.preset, plan.device.torch_device):
+        for name, lmo, flags, shapes in targets(model):
+            for dtype in plan.dtypes:
+                for impl, is_base, fn in _impls(plan, lmo, flags):
+                    out.append(_case(plan, model.label, name, lmo, flags, shapes, dtype, impl, is_base, fn))
+    return out

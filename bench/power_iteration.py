@@ -1,0 +1,58 @@
+"""Power iteration (one warm-started iteration, as a norm monitor runs it) at layer shapes.
+
+Bandwidth-bound: the floor reads W once per iteration. Ours per backend and
+torch.compile of the reference; baselines: the plain reference and (full runs and
+GPUs) the exact sigma_max from torch.linalg.matrix_norm(ord=2), an SVD. Error: against the
+fp64 reference from the same start vector.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+import disco_kernels as dk
+from disco_kernels import reference
+
+from .case import Case, Plan, kernels, compiled, rel_err
+from .shapes import OP_MODELS, for_preset
+
+ITERS = 1
+
+
+def _impls(plan: Plan):
+    """(impl, baseline?, (W, v) -> sigma)."""
+    out = []
+    for b in plan.our_impls(kernels("power_iteration")):
+        if b == "compile":
+            out.append((b, False, lambda W, v: compiled(reference.power_iteration)(W.float(), v, ITERS)[0]))
+        else:
+            out.append((b, False, functools.partial(lambda W, v, b: dk.ops.power_iteration(W, v, ITERS, backend=b)[0],
+                                                    b=b)))
+    out.append(("reference", True, lambda W, v: reference.power_iteration(W.float(), v, ITERS)[0]))
+    if plan.preset == "full" or plan.device.is_cuda:  # an SVD per case costs seconds on a small CPU
+        out.append(("torch-svd", True, lambda W, v: torch.linalg.matrix_norm(W.float(), ord=2)))
+    return [x for x in out if plan.wants(x[0])]
+
+
+def _case(plan, model, name, shape, dtype, impl, baseline, fn) -> Case:
+    def build():
+        W = torch.randn(shape, generator=plan.generator(), device=plan.device.torch_device).to(dtype)
+        v = reference.default_start_vector(W)
+
+        def check():
+            return rel_err(fn(W, v), reference.power_iteration(W.double(), v.double(), ITERS)[0])
+        return functools.partial(fn, W, v), None if impl == "torch-svd" else check  # exact sigma: no 1-step twin
+    *batch, m, n = shape
+    bytes_ = math.prod(batch) * (ITERS * m * n * dtype.itemsize + 8 * n)  # W per iteration; v in and out (fp32)
+    return Case("power_iteration", model, name, "x".join(map(str, shape)), dtype, impl, baseline,
+                flops=math.prod(batch) * ITERS * 4 * m * n, bytes=bytes_, bound="memory", build=build)
+
+
+def cases(plan: Plan) -> list[Case]:
+    shapes = [(m.label, name, shape) for m in for_preset(OP_MODELS, plan.preset, plan.device.torch_device)
+              for name, shape in m.matrices() if len(shape) == 2 or "per head" in name]
+    impls = _impls(plan)
+    return [_case(plan, model, name, shape, dtype, impl, is_base, fn)
+            for model, name, shape in shapes for dtype in plan.dtypes for impl, is_base, fn in impls]

@@ -1,0 +1,127 @@
+"""pytest-benchmark suite on tiny shapes, and checks of the benchmark machinery.
+
+CI runs it once as a smoke test: ``python -m pytest bench -q --benchmark-disable``.
+Speed targets live in ``python -m bench``, never here.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import disco_kernels as dk
+from disco_kernels import reference
+
+from . import baselines, fused_update, newton_schulz, optimizer_step, power_iteration, report
+from .__main__ import main
+from .case import Plan, measure, rel_err
+from .device import Device, table_peaks
+from .shapes import GPT2_124M, PROXY, ns_flops
+
+# Fixed peaks: the tests check the arithmetic, not this machine.
+CPU = Device(torch.device("cpu"), "cpu (test)", "measured", {"fp32": 0.05, "bf16": 0.05}, 10.0)
+PLAN = Plan(CPU, "smoke", (torch.float32,))
+CASES = [c for suite in (newton_schulz, power_iteration, fused_update, optimizer_step) for c in suite.cases(PLAN)
+         if c.impl in ("torch", "reference")]
+
+
+def _tolerance(case) -> float:
+    """Error bound from the dtype the math runs in (64 ulp), not from trial and error."""
+    return 64 * torch.finfo(case.compute_dtype or case.dtype).eps
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.suite}-{c.model}-{c.case}-{c.impl}".replace(" ", "_"))
+def test_case(benchmark, case):
+    fn, check = case.build()
+    if check is not None:
+        assert check() < _tolerance(case)
+    benchmark(fn)
+
+
+def test_reference_ns_is_the_reference_math():
+    G = torch.randn(3, 40, 24, dtype=torch.float64)
+    torch.testing.assert_close(baselines.reference_ns(G, dtype=torch.float64), reference.newton_schulz(G, 5))
+
+
+def test_torch_muon_baseline_orthogonalises():
+    muon = baselines.muon_ns()
+    if muon is None:
+        pytest.skip("this torch has no torch.optim.Muon")
+    G = torch.randn(24, 40)
+    assert rel_err(muon(G), reference.newton_schulz(G.double(), 5)) < 64 * torch.finfo(torch.bfloat16).eps
+
+
+def test_reference_scion_matches_dk_scion_in_fp64():
+    """The step baseline is the same rule as dk.Scion: equal to rounding in fp64."""
+    model = PROXY.scaled(8)
+    ours = optimizer_step.make_groups(model, torch.float64, "cpu", torch.Generator().manual_seed(1))
+    theirs = [{**g, "params": [p.clone() for p in g["params"]]} for g in ours]
+    for g, t in zip(ours, theirs):
+        for p, q in zip(g["params"], t["params"]):
+            q.grad = p.grad.clone()
+        if g["norm"] == "Spectral":
+            g["norm_kwargs"] = {"dtype": "float64"}
+    opt = dk.Scion(ours, lr=optimizer_step.LR, momentum=optimizer_step.MOMENTUM, backend="torch")
+    ref = baselines.ReferenceScion(theirs, optimizer_step.LR, optimizer_step.MOMENTUM, ns_dtype=torch.float64)
+    for _ in range(2):  # the second step exercises the momentum buffers
+        opt.step()
+        ref.step()
+    for g, t in zip(ours, theirs):
+        for p, q in zip(g["params"], t["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_measure_reports_time_share_and_speedup():
+    cases = [c for c in newton_schulz.cases(PLAN) if c.model == "sweep"]
+    rows = [measure(c, PLAN) for c in cases]
+    report.add_speedups(rows)
+    assert {r["status"] for r in rows} == {"ok"}
+    for r in rows:
+        assert r["time_ms"] > 0 and r["tflops"] > 0 and 0 < r["share_of_peak"]
+        if r["impl"] != "reference":
+            assert r["speedup_vs_reference"] > 0
+
+
+def test_fused_targets_cover_every_lmo():
+    lmos = {lmo for _, lmo, _, _ in fused_update.targets(GPT2_124M)}
+    assert lmos == {"Sign", "RowNorm", "ColNorm", "BiasRMS"}
+
+
+def test_ns_flops_floor():
+    assert ns_flops((768, 3072)) == 5 * (4 * 768 ** 2 * 3072 + 2 * 768 ** 3)
+    assert ns_flops((3072, 768)) == ns_flops((768, 3072))
+    assert ns_flops((12, 64, 768)) == 12 * ns_flops((64, 768))
+
+
+def test_model_sizes():
+    assert abs(GPT2_124M.n_params() - 163.0e6) < 1e6   # 124M + the untied 38.6M head
+    assert abs(PROXY.n_params() - 69.8e6) < 0.1e6       # the paper's 69M proxy
+
+
+@pytest.mark.parametrize("name, label", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
+    ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe")])
+def test_peak_table(name, label):
+    assert table_peaks(name)[0] == label
+
+
+def test_peak_table_unknown_gpu():
+    assert table_peaks("NVIDIA GeForce RTX 4090") is None
+
+
+def test_cli_writes_results_and_plots(tmp_path):
+    out = main(["--smoke", "--suites", "newton_schulz,step", "--dtypes", "fp32", "--out", str(tmp_path / "r")])
+    data = json.loads((out / "results.json").read_text())
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["peak_gbps"] > 0 and env["peak_tflops"]["fp32"] > 0
+    rows = data["rows"]
+    assert {r["suite"] for r in rows} == {"newton_schulz", "step"}
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["share_of_peak"] > 0 for r in rows)
+    assert all(math.isfinite(r["speedup_vs_reference"]) for r in rows if r["impl"] != "reference")
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1
+    for png in ("time_vs_size.png", "share_of_peak.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
