@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend, reference
 
-KERNELS = ("torch",)
+KERNELS = ("torch", "triton", "cuda")
 LMOS = ("Sign", "RowNorm", "ColNorm", "BiasRMS")
 
 
@@ -31,7 +31,14 @@ def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: li
                          f"{None if bufs is None else len(bufs)}")
     if not params:
         return
-    impl = _backend.resolve(backend, params[0].device, "fused_update", KERNELS)
+    kernels = KERNELS
+    if backend in ("auto", "cuda") and params[0].device.type == "cuda" and _backend.cuda_extension() is not None:
+        why = cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light)
+        if why is not None and backend == "cuda":
+            raise ValueError(f"backend='cuda' cannot run fused_update: {why}")
+        if why is not None:
+            kernels = tuple(k for k in KERNELS if k != "cuda")
+    impl = _backend.resolve(backend, params[0].device, "fused_update", kernels)
     torch.ops.disco_kernels.fused_update(params, grads, [] if bufs is None else bufs, lmo, float(lr), float(momentum),
                                          float(scale), bool(unconstrained), bool(normalized), bool(transpose),
                                          bool(light), impl)
@@ -73,7 +80,62 @@ def _torch(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normali
         torch._foreach_mul_(grads, 1 - momentum)
 
 
-_IMPLS = {"torch": _torch}
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light) -> str | None:
+    """Why the CUDA kernel cannot take this group (None when it can)."""
+    need = {"Sign": int(normalized), "BiasRMS": 0}.get(lmo, 2 if lmo == "ColNorm" or transpose else 1)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        b = bufs[i] if bufs and not light else None
+        if p.dtype not in CUDA_DTYPES:
+            return f"params[{i}] has dtype {p.dtype}; the CUDA kernel takes float32, bfloat16 or float16"
+        for name, t in (("grads", g), ("bufs", b)):
+            if t is not None and (t.dtype != p.dtype or t.shape != p.shape or t.device != p.device):
+                return (f"{name}[{i}] ({t.dtype}, {tuple(t.shape)}, {t.device}) must match params[{i}] "
+                        f"({p.dtype}, {tuple(p.shape)}, {p.device})")
+        if p.dim() < need:
+            return f"{lmo} needs tensors of at least {need} dims, got params[{i}] of shape {tuple(p.shape)}"
+    return None
+
+
+def _cuda(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light):
+    ext = _backend.cuda_extension()
+    has_buf = bool(bufs) and not light
+    # The kernel takes contiguous tensors; others go through a copy (kept alive until the launch),
+    # written back when the kernel mutates it.
+    copies = []
+
+    def contiguous(t, mutated):
+        if t.is_contiguous():
+            return t
+        copies.append((t, t.contiguous(), mutated))
+        return copies[-1][1]
+
+    by_dtype = {}
+    for i, p in enumerate(params):
+        ps, gs, bs, shapes = by_dtype.setdefault(p.dtype, ([], [], [], []))
+        ps.append(contiguous(p, True).data_ptr())
+        gs.append(contiguous(grads[i], light and momentum != 1).data_ptr())
+        bs.append(contiguous(bufs[i], True).data_ptr() if has_buf else 0)
+        shapes.append(list(p.shape))
+    device = params[0].device
+    with torch.cuda.device(device):
+        for dtype, (ps, gs, bs, shapes) in by_dtype.items():
+            ext.fused_update(ext.DTYPES[str(dtype).removeprefix("torch.")], ext.LMOS[lmo], normalized, transpose,
+                             unconstrained, light, has_buf, lr, momentum, scale, ps, gs, bs, shapes,
+                             torch.cuda.current_stream(device).cuda_stream)
+    for t, c, mutated in copies:
+        if mutated:
+            t.copy_(c)
+
+
+def _triton(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light):
+    from ..triton_kernels import fused_update as kernels
+    return kernels.fused_update(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
+
+
+_IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 
 
 @torch.library.custom_op("disco_kernels::fused_update", mutates_args=("params", "grads", "bufs"))

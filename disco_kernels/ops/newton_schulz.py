@@ -15,7 +15,10 @@ from .. import _backend
 from ..reference import ns_schedule
 
 # Backends with a kernel for this op; "auto" takes cuda, then triton, then torch.
-KERNELS = ("torch",)
+KERNELS = ("torch", "triton", "cuda")
+# The CUDA kernel keeps a whole matrix on chip: min(m, n) <= 128, 16-bit compute, at most 64 steps.
+CUDA_COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", *, dtype: torch.dtype | None = None,
@@ -31,7 +34,14 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", *, dty
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     triples, mult, eps = ns_schedule(coefficients, steps)
-    impl = _backend.resolve(backend, G.device, "newton_schulz", KERNELS)
+    kernels = KERNELS
+    if backend in ("auto", "cuda") and G.device.type == "cuda" and _backend.cuda_extension() is not None:
+        why = cuda_unsupported(G, dtype, len(triples))
+        if why is not None and backend == "cuda":
+            raise ValueError(f"backend='cuda' cannot run newton_schulz on G of shape {tuple(G.shape)}: {why}")
+        if why is not None:
+            kernels = tuple(k for k in KERNELS if k != "cuda")
+    impl = _backend.resolve(backend, G.device, "newton_schulz", kernels)
     flat = [x for t in triples for x in t]
     return torch.ops.disco_kernels.newton_schulz(G, flat, mult, eps, dtype, impl)
 
@@ -57,7 +67,46 @@ def _torch(G, triples, mult, eps, dtype):
     return (X.mT if tall else X).contiguous()
 
 
-_IMPLS = {"torch": _torch}
+def cuda_unsupported(G: torch.Tensor, dtype: torch.dtype, steps: int) -> str | None:
+    """Why the fused small-matrix CUDA kernel cannot take G (None when it can)."""
+    ext = _backend.cuda_extension()
+    m, n = G.shape[-2:]
+    if dtype not in CUDA_COMPUTE_DTYPES:
+        return f"the fused small-matrix kernel computes in bfloat16 or float16, got dtype={dtype}"
+    if G.dtype not in CUDA_INPUT_DTYPES:
+        return f"the fused small-matrix kernel reads float32, bfloat16 or float16, got {G.dtype}"
+    if steps > ext.newton_schulz_max_steps:
+        return f"the fused small-matrix kernel takes at most {ext.newton_schulz_max_steps} steps, got {steps}"
+    if G.numel() == 0:
+        return "G is empty"
+    if min(m, n) > ext.newton_schulz_max_small:
+        return f"the fused small-matrix kernel needs min(m, n) <= {ext.newton_schulz_max_small}, got ({m}, {n})"
+    device = G.device.index if G.device.index is not None else torch.cuda.current_device()
+    if not ext.newton_schulz_small_fits(int(m), int(n), device):
+        return (f"a {min(m, n)} x {max(m, n)} matrix needs {ext.newton_schulz_small_smem(m, n)} bytes of shared memory, "
+                f"more than the device gives one block")
+    return None
+
+
+def _cuda(G, triples, mult, eps, dtype):
+    ext = _backend.cuda_extension()
+    m, n = G.shape[-2:]
+    X = G.reshape(-1, m, n).contiguous()
+    out = torch.empty(X.shape, dtype=dtype, device=G.device)
+    codes = ext.DTYPES
+    with torch.cuda.device(G.device):
+        ext.newton_schulz_small(codes[str(X.dtype).removeprefix("torch.")], codes[str(dtype).removeprefix("torch.")],
+                                X.data_ptr(), out.data_ptr(), X.size(0), m, n, [x for t in triples for x in t], mult,
+                                eps, torch.cuda.current_stream(G.device).cuda_stream)
+    return out.reshape(G.shape)
+
+
+def _triton(G, triples, mult, eps, dtype):
+    from ..triton_kernels import newton_schulz as kernels
+    return kernels.newton_schulz(G, triples, mult, eps, dtype)
+
+
+_IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 
 
 @torch.library.custom_op("disco_kernels::newton_schulz", mutates_args=())

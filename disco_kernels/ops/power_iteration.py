@@ -13,7 +13,8 @@ from .. import _backend
 from .. import reference
 from ..reference import default_start_vector
 
-KERNELS = ("torch",)
+KERNELS = ("torch", "triton", "cuda")
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int = 1, *, backend: str = "auto"):
@@ -32,7 +33,14 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     elif v.shape != W.shape[:-2] + W.shape[-1:]:
         raise ValueError(f"v must have shape {tuple(W.shape[:-2] + W.shape[-1:])} for W of shape {tuple(W.shape)}, got {tuple(v.shape)}")
     v = v.to(device=W.device, dtype=acc).contiguous()
-    impl = _backend.resolve(backend, W.device, "power_iteration", KERNELS)
+    kernels = KERNELS
+    if backend in ("auto", "cuda") and W.device.type == "cuda" and _backend.cuda_extension() is not None:
+        why = cuda_unsupported(W)
+        if why is not None and backend == "cuda":
+            raise ValueError(f"backend='cuda' cannot run power_iteration on W of shape {tuple(W.shape)}: {why}")
+        if why is not None:
+            kernels = tuple(k for k in KERNELS if k != "cuda")
+    impl = _backend.resolve(backend, W.device, "power_iteration", kernels)
     return torch.ops.disco_kernels.power_iteration(W, v, iters, impl)
 
 
@@ -40,7 +48,40 @@ def _torch(W, v, iters):
     return reference.power_iteration(W.to(v.dtype), v, iters)
 
 
-_IMPLS = {"torch": _torch}
+def cuda_unsupported(W: torch.Tensor) -> str | None:
+    """Why the CUDA kernel cannot take W (None when it can)."""
+    max_n = _backend.cuda_extension().power_iteration_max_n
+    if W.dtype not in CUDA_DTYPES:
+        return f"the CUDA kernel reads float32, bfloat16 or float16, got {W.dtype}"
+    if W.size(-1) > max_n:
+        return f"the CUDA kernel keeps a row in registers: n <= {max_n}, got n = {W.size(-1)}"
+    if W.numel() == 0:
+        return "W is empty"
+    return None
+
+
+def _cuda(W, v, iters):
+    ext = _backend.cuda_extension()
+    W3 = W.reshape(-1, *W.shape[-2:]).contiguous()
+    if W3.data_ptr() % 16:  # 128-bit loads need 16-byte aligned storage
+        W3 = W3.clone()
+    b, m, n = W3.shape
+    v_in = v.reshape(b, n)
+    v_out, sigma = torch.empty_like(v_in), v.new_empty(b)
+    ws = v.new_empty(ext.power_iteration_workspace(b, m, n))
+    with torch.cuda.device(W.device):
+        ext.power_iteration(ext.DTYPES[str(W.dtype).removeprefix("torch.")], W3.data_ptr(), b, m, n, v_in.data_ptr(),
+                            v_out.data_ptr(), sigma.data_ptr(), ws.data_ptr(), iters,
+                            torch.cuda.current_stream(W.device).cuda_stream)
+    return sigma.reshape(W.shape[:-2]), v_out.reshape(v.shape)
+
+
+def _triton(W, v, iters):
+    from ..triton_kernels import power_iteration as kernels
+    return kernels.power_iteration(W, v, iters)
+
+
+_IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 
 
 @torch.library.custom_op("disco_kernels::power_iteration", mutates_args=())

@@ -1,0 +1,183 @@
+// Multi-tensor fused Scion update: one block per work item (a chunk of one tensor).
+//   d = g, or buf' = keep buf + momentum g and d = buf'      (rounded to storage, as stored)
+//   p' = decay p - step * lmo_dir(d)
+//   Sign:            lmo_dir = sign(d), step = coef
+//   row/col norms:   lmo_dir = d,       step = coef / (||d||_line * alpha + 1e-8)
+//   light (ScionLight): afterwards g' = keep g.
+// fp32 math; 128-bit loads when every pointer is 16-byte aligned and lines are whole vectors.
+#pragma once
+#include "scion_math.cuh"
+
+namespace dk::fu {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxTensors = 128;
+enum Mode : int { kElem = 0, kRow = 1, kCol = 2 };
+
+template <typename T> constexpr int vec_width() { return 16 / sizeof(T); }
+// Elements of one elementwise work item.
+template <typename T> constexpr int64_t elem_chunk() { return int64_t(kThreads) * 4 * vec_width<T>(); }
+// Column-mode layout: TX threads across columns (V wide each) x TY threads down the rows.
+template <int V> constexpr int col_tx() { return V == 1 ? 32 : 8; }
+
+struct Tensor {
+  void* p;
+  void* g;
+  void* buf;
+  int64_t batch, rows, cols;  // elem: 1 x 1 x numel; row: 1 x lines x length; col: batch x length x lines
+  int64_t first_item;         // first work item (blockIdx.x) of this tensor
+  int64_t rows_per_item;      // row mode
+  float alpha, coef;
+  int mode, vec;
+};
+
+struct Args {
+  Tensor t[kMaxTensors];
+  int count;
+  int has_buf, scale_grad;
+  float keep, momentum, decay;
+};
+
+template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T x[V]; };
+
+template <typename T, int V> __device__ __forceinline__ Vec<T, V> ldv(const void* base, int64_t off) {
+  return *reinterpret_cast<const Vec<T, V>*>(static_cast<const T*>(base) + off);
+}
+template <typename T, int V> __device__ __forceinline__ void stv(void* base, int64_t off, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(static_cast<T*>(base) + off) = v;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Directions d at V consecutive elements from off.
+template <typename T, int V>
+__device__ __forceinline__ void load_dir(const Args& a, const Tensor& t, int64_t off, float (&g)[V], float (&d)[V]) {
+  const Vec<T, V> gv = ldv<T, V>(t.g, off);
+#pragma unroll
+  for (int i = 0; i < V; ++i) d[i] = g[i] = to_float(gv.x[i]);
+  if (a.has_buf) {
+    const Vec<T, V> bv = ldv<T, V>(t.buf, off);
+#pragma unroll
+    for (int i = 0; i < V; ++i) d[i] = round_to<T>(momentum_dir(to_float(bv.x[i]), g[i], a.keep, a.momentum));
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void sumsq_dir(const Args& a, const Tensor& t, int64_t off, float (&ss)[V]) {
+  float g[V], d[V];
+  load_dir<T, V>(a, t, off, g, d);
+#pragma unroll
+  for (int i = 0; i < V; ++i) ss[i] += d[i] * d[i];
+}
+
+// Writes p', buf' and (light) g' at V consecutive elements from off.
+template <typename T, int V, bool kSign>
+__device__ __forceinline__ void update(const Args& a, const Tensor& t, int64_t off, const float (&step)[V]) {
+  float g[V], d[V];
+  load_dir<T, V>(a, t, off, g, d);
+  const Vec<T, V> pv = ldv<T, V>(t.p, off);
+  Vec<T, V> po, bo, go;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    po.x[i] = from_float<T>(apply_update(to_float(pv.x[i]), a.decay, step[i], kSign ? sign_dir(d[i]) : d[i]));
+    bo.x[i] = from_float<T>(d[i]);
+    go.x[i] = from_float<T>(g[i] * a.keep);
+  }
+  stv<T, V>(t.p, off, po);
+  if (a.has_buf) stv<T, V>(t.buf, off, bo);
+  if (a.scale_grad) stv<T, V>(t.g, off, go);
+}
+
+template <int V> __device__ __forceinline__ void fill(float (&x)[V], float v) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) x[i] = v;
+}
+
+// Sign: a contiguous chunk [start, end) of the flattened tensor.
+template <typename T, int V>
+__device__ void elem_item(const Args& a, const Tensor& t, int64_t item) {
+  const int64_t n = t.cols, start = item * elem_chunk<T>(), end = min(n, start + elem_chunk<T>());
+  float step[V], step1[1];
+  fill(step, t.coef);
+  fill(step1, t.coef);
+  const int64_t vend = V == 1 ? end : start + (end - start) / V * V;
+  for (int64_t off = start + int64_t(threadIdx.x) * V; off < vend; off += int64_t(kThreads) * V)
+    update<T, V, true>(a, t, off, step);
+  for (int64_t off = vend + threadIdx.x; off < end; off += kThreads) update<T, 1, true>(a, t, off, step1);
+}
+
+// Row norms: one warp per line of `cols` contiguous elements.
+template <typename T, int V>
+__device__ void row_item(const Args& a, const Tensor& t, int64_t item) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t r1 = min(t.rows, (item + 1) * t.rows_per_item);
+  for (int64_t r = item * t.rows_per_item + warp; r < r1; r += kWarps) {
+    const int64_t base = r * t.cols;
+    float ss[V];
+    fill(ss, 0.f);
+    for (int64_t c = int64_t(lane) * V; c < t.cols; c += 32 * V) sumsq_dir<T, V>(a, t, base + c, ss);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) s += ss[i];
+    float step[V];
+    fill(step, norm_step(warp_sum(s), t.alpha, t.coef));
+    for (int64_t c = int64_t(lane) * V; c < t.cols; c += 32 * V) update<T, V, false>(a, t, base + c, step);
+  }
+}
+
+// Column norms: one block per (batch, strip of TX*V columns) over all `rows` rows.
+template <typename T, int V>
+__device__ void col_item(const Args& a, const Tensor& t, int64_t item, float* red) {
+  constexpr int TX = col_tx<V>(), TY = kThreads / TX, SW = TX * V;
+  const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+  const int64_t strips = (t.cols + SW - 1) / SW, b = item / strips;
+  const int64_t c = (item % strips) * SW + int64_t(tx) * V;
+  const bool active = c < t.cols;  // vectors never straddle the edge: cols % V == 0
+  const int64_t base = b * t.rows * t.cols + c;
+  float ss[V];
+  fill(ss, 0.f);
+  if (active)
+    for (int64_t r = ty; r < t.rows; r += TY) sumsq_dir<T, V>(a, t, base + r * t.cols, ss);
+#pragma unroll
+  for (int i = 0; i < V; ++i) red[ty * SW + tx * V + i] = ss[i];
+  __syncthreads();
+  if (threadIdx.x < SW) {
+    float s = 0.f;
+    for (int y = 0; y < TY; ++y) s += red[y * SW + threadIdx.x];
+    red[TY * SW + threadIdx.x] = norm_step(s, t.alpha, t.coef);
+  }
+  __syncthreads();
+  float step[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) step[i] = red[TY * SW + tx * V + i];
+  if (active)
+    for (int64_t r = ty; r < t.rows; r += TY) update<T, V, false>(a, t, base + r * t.cols, step);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fused_update_kernel(const __grid_constant__ Args args) {
+  constexpr int V = vec_width<T>();
+  __shared__ float red[kThreads * 8 + 64];  // TY*SW column partials + SW steps (TY*SW <= 2048, SW <= 64)
+  // The tensor of this block: last one whose first_item <= blockIdx.x.
+  int lo = 0, hi = args.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (args.t[mid].first_item <= int64_t(blockIdx.x)) lo = mid; else hi = mid - 1;
+  }
+  const Tensor& t = args.t[lo];
+  const int64_t item = int64_t(blockIdx.x) - t.first_item;
+  if (t.mode == kElem) {
+    if (t.vec) elem_item<T, V>(args, t, item); else elem_item<T, 1>(args, t, item);
+  } else if (t.mode == kRow) {
+    if (t.vec) row_item<T, V>(args, t, item); else row_item<T, 1>(args, t, item);
+  } else {
+    if (t.vec) col_item<T, V>(args, t, item, red); else col_item<T, 1>(args, t, item, red);
+  }
+}
+
+}  // namespace dk::fu

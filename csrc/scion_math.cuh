@@ -1,0 +1,43 @@
+// Per-element math of the Scion kernels, shared by device code and the host
+// emulations that tests call through the bindings (so it is checked on CPU).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cmath>
+#include <cstdint>
+
+#define DK_HD __host__ __device__ __forceinline__
+
+namespace dk {
+
+// Storage <-> fp32 (round to nearest even, as torch's .to()).
+DK_HD float to_float(float x) { return x; }
+DK_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+DK_HD float to_float(__half x) { return __half2float(x); }
+template <typename T> DK_HD T from_float(float x);
+template <> DK_HD float from_float<float>(float x) { return x; }
+template <> DK_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> DK_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <typename T> DK_HD float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// Momentum, with keep = 1 - momentum:  buf' = keep * buf + momentum * g.
+DK_HD float momentum_dir(float buf, float g, float keep, float momentum) { return buf * keep + g * momentum; }
+
+// sign(d), NaN kept (as torch.sign).
+DK_HD float sign_dir(float d) { return d > 0.f ? 1.f : (d < 0.f ? -1.f : d); }
+
+// Step factor of a row/column LMO: coef / (||d|| * alpha + 1e-8), coef = lr * scale.
+DK_HD float norm_step(float sumsq, float alpha, float coef) { return coef / (sqrtf(sumsq) * alpha + 1e-8f); }
+
+// Weight update:  p' = decay * p - step * d,  decay = 1 - lr (1 when unconstrained).
+DK_HD float apply_update(float p, float decay, float step, float d) { return p * decay - step * d; }
+
+// Power iteration finish: sigma = ||v'|| / ||u||, 0 when v' = 0 (then v is kept).
+DK_HD float pi_sigma(float nu2, float nw2) { return nw2 > 0.f ? sqrtf(nw2) / sqrtf(nu2) : 0.f; }
+DK_HD float pi_next_v(float w, float v, float nw2) { return nw2 > 0.f ? w / sqrtf(nw2) : v; }
+
+// Newton-Schulz: X0 = G / (mult ||G||_F + eps);  B = b A + c (A A);  X' = a X + 1 (B X).
+DK_HD float ns_denom(float sumsq, float mult, float eps) { return mult * sqrtf(sumsq) + eps; }
+DK_HD float ns_poly(float beta, float x, float alpha, float acc) { return beta * x + alpha * acc; }
+
+}  // namespace dk

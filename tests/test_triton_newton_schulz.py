@@ -1,0 +1,102 @@
+"""Triton Newton-Schulz vs the fp64 reference: its error is no worse than the torch backend's in the
+same dtype. Runs interpreted on CPU (fp32/fp16: the interpreter's bf16 tl.dot is wrong), at real sizes
+on a GPU."""
+import pytest
+import torch
+
+import disco_kernels as dk
+from disco_kernels import reference as ref
+from tolerances import rel_err, unit
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from disco_kernels.triton_kernels.newton_schulz import _upper_tile  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+
+
+def check_vs_torch(G, steps, coefficients="jordan", dtype=None):
+    """Triton's error vs the fp64 iteration is within the torch backend's, plus a slack of a few roundings."""
+    dtype = dtype or G.dtype
+    out = dk.ops.newton_schulz(G, steps, coefficients, dtype=dtype, backend="triton")
+    assert out.shape == G.shape and out.dtype == dtype and out.is_contiguous()
+    exact = ref.newton_schulz(G.double(), steps, coefficients)
+    torch_err = rel_err(dk.ops.newton_schulz(G, steps, coefficients, dtype=dtype, backend="torch"), exact)
+    assert rel_err(out, exact) <= 1.25 * torch_err + 16 * unit(dtype)
+    return out
+
+
+# 16 x 16 tiles under the interpreter: (7, 129) and (129, 7) mask one row tile and the last k tile,
+# (2, 40, 50) has a 3 x 3 tile grid (off-diagonal mirrors, edges on both sides).
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 40, 50)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vs_fp64(shape, dtype):
+    check_vs_torch(torch.randn(shape, device=DEVICE).to(dtype), steps=3)
+
+
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express", [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]])
+def test_schedules(coefficients):
+    """Five steps of each schedule (the custom one repeats its last triple)."""
+    check_vs_torch(torch.randn(2, 20, 33, device=DEVICE), steps=5, coefficients=coefficients)
+
+
+def test_noncontiguous_and_cast():
+    """Transposed and strided views are read in place; G's dtype may differ from the compute dtype."""
+    base = torch.randn(50, 2, 40, device=DEVICE)
+    check_vs_torch(base[:, 0, :].T, steps=2)  # (40, 50), column stride 80
+    check_vs_torch(base[:, 1, :33], steps=2, dtype=torch.float16)  # tall (50, 33), fp32 in, fp16 out
+
+
+def test_one_step_tall():
+    """A single step reads G and writes the (transposed-back) result with no buffer in between."""
+    check_vs_torch(torch.randn(3, 21, 5, device=DEVICE), steps=1)
+
+
+def test_zero_nan_empty_and_fallbacks():
+    assert dk.ops.newton_schulz(torch.zeros(2, 4, 6, device=DEVICE), 2, backend="triton").abs().max() == 0
+    G = torch.randn(5, 8, device=DEVICE)
+    G[1, 2] = float("nan")
+    assert torch.isnan(dk.ops.newton_schulz(G, 2, backend="triton")).all()
+    assert dk.ops.newton_schulz(torch.zeros(0, 5, 6, device=DEVICE), backend="triton").shape == (0, 5, 6)
+    G = torch.randn(6, 9, device=DEVICE, dtype=torch.float64)  # fp64 and zero steps: the torch path
+    for steps in (0, 2):
+        assert torch.equal(dk.ops.newton_schulz(G, steps, backend="triton"),
+                           dk.ops.newton_schulz(G, steps, backend="torch"))
+    assert torch.equal(dk.ops.newton_schulz(G.float(), 0, backend="triton"),
+                       dk.ops.newton_schulz(G.float(), 0, backend="torch"))
+
+
+@triton.jit
+def _upper_tiles_kernel(out_i, out_j, t, total, BLOCK: tl.constexpr):
+    k = tl.arange(0, BLOCK)
+    i, j = _upper_tile(k, t)
+    tl.store(out_i + k, i, mask=k < total)
+    tl.store(out_j + k, j, mask=k < total)
+
+
+def test_upper_tile_enumerates_the_triangle():
+    """_upper_tile maps 0 .. t(t+1)/2 - 1 one-to-one onto the tiles (i, j), j >= i, of a t x t grid."""
+    for t in (1, 2, 3, 7, 64, 181):
+        total = t * (t + 1) // 2
+        i, j = (torch.empty(total, dtype=torch.int32, device=DEVICE) for _ in range(2))
+        _upper_tiles_kernel[(1,)](i, j, t, total, BLOCK=triton.next_power_of_2(total))
+        expect = torch.triu_indices(t, t, device=DEVICE)
+        assert torch.equal(i.long(), expect[0]) and torch.equal(j.long(), expect[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (32, 512, 512), (64, 129, 257), (2048, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_real_sizes(shape, dtype):
+    check_vs_torch(torch.randn(shape, device="cuda"), steps=5, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_spectral_lmo_many_is_one_batched_launch():
+    """The Spectral LMO of same-shaped grads, batched, matches the torch backend."""
+    gs = [torch.randn(256, 384, device="cuda") for _ in range(8)]
+    norm = dk.lmo.Spectral()
+    for a, b in zip(norm.lmo_many(gs, backend="triton"), norm.lmo_many(gs, backend="torch")):
+        assert rel_err(a, b) < 64 * unit(torch.bfloat16)

@@ -1,0 +1,234 @@
+"""Batched Newton-Schulz in Triton, exploiting the symmetry of X Xᵀ.
+
+For X of shape (b, m, n), m <= n (a tall G is read transposed through its
+strides, never copied), each step (a, b, c) runs three kernels:
+
+    A = X Xᵀ             _gram_kernel:   upper tiles only, each mirrored below
+    B = b A + c A A      _square_kernel: upper tiles only (A A is symmetric), b A in the epilogue
+    X = a X + B X        _update_kernel: a X in the epilogue, grouped (L2-friendly) tile order
+
+The first step reads G itself: X0 = G / (mult ||G||_F + eps) is formed as the
+tiles are loaded (rounded to ``dtype`` where the torch path rounds X0), with
+||G||_F² summed from the per-block partials of one _sumsq_kernel pass. The last
+step writes straight into the result (transposed back through strides when
+tall). Accumulation is fp32; A, B and X are stored in ``dtype`` as in the torch
+path, so the error matches it. fp32 products use IEEE fp32 (no TF32).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import autotune, interpreted, num_partials
+
+_PREC = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}  # (tf32 is ignored for 16-bit)
+DTYPES = tuple(_PREC)
+
+
+@triton.jit
+def _sumsq_kernel(g_ptr, part_ptr, rows, cols, s_b, s_r, s_c, rows_per_part, P,
+                  BR: tl.constexpr, BC: tl.constexpr):
+    """part[b, p] = sum of g² over rows [p * rows_per_part, (p + 1) * rows_per_part) of matrix b."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    g = g_ptr + bid * s_b
+    r0 = pid * rows_per_part
+    r_end = tl.minimum(r0 + rows_per_part, rows)
+    acc = tl.zeros((BR, BC), tl.float32)
+    for r in range(r0, r_end, BR):
+        rr = r + tl.arange(0, BR)
+        for c in range(0, cols, BC):
+            cc = c + tl.arange(0, BC)
+            x = tl.load(g + rr[:, None].to(tl.int64) * s_r + cc[None, :] * s_c,
+                        mask=(rr[:, None] < r_end) & (cc[None, :] < cols), other=0.0).to(tl.float32)
+            acc += x * x
+    tl.store(part_ptr + bid * P + pid, tl.sum(tl.sum(acc, 1), 0))
+
+
+@triton.jit
+def _inv_norm(part_ptr, bid, P, mult, eps, PB: tl.constexpr):
+    """1 / (mult * ||G_b||_F + eps) from the P partial sums of squares of matrix b."""
+    p = tl.arange(0, PB)
+    ss = tl.sum(tl.load(part_ptr + bid * P + p, mask=p < P, other=0.0), 0)
+    return 1.0 / (mult * tl.sqrt(ss) + eps)
+
+
+@triton.jit
+def _load_x(ptrs, mask, s, DT: tl.constexpr, SCALED: tl.constexpr):
+    """A tile of X in DT; on the first step X = G * s rounded to DT (as the torch path rounds X0)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if SCALED:
+        x = x.to(tl.float32) * s
+    return x.to(DT)
+
+
+@triton.jit
+def _upper_tile(k, t):
+    """The k-th tile (i, j), j >= i, of a t x t tile grid, row by row: row i starts at i t - i (i - 1) / 2."""
+    tf = t.to(tl.float32)
+    i = ((2 * tf + 1 - tl.sqrt((2 * tf + 1) * (2 * tf + 1) - 8 * k.to(tl.float32))) * 0.5).to(tl.int32)
+    i = tl.where(i * t - i * (i - 1) // 2 > k, i - 1, i)  # fix the float estimate by one either way
+    i = tl.where((i + 1) * t - (i + 1) * i // 2 <= k, i + 1, i)
+    return i, i + k - (i * t - i * (i - 1) // 2)
+
+
+@triton.jit
+def _store_sym(out_ptr, tile, ri, rj, m, i, j):
+    """Store an (i, j) tile of a symmetric (m, m) matrix and, off the diagonal, its mirror (j, i)."""
+    mask = (ri[:, None] < m) & (rj[None, :] < m)
+    ri64 = ri.to(tl.int64)
+    rj64 = rj.to(tl.int64)
+    tl.store(out_ptr + ri64[:, None] * m + rj64[None, :], tile, mask=mask)
+    tl.store(out_ptr + rj64[None, :] * m + ri64[:, None], tile, mask=mask & (i != j))
+
+
+@triton.jit
+def _gram_kernel(x_ptr, a_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, P, mult, eps,
+                 SCALED: tl.constexpr, PB: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK: tl.constexpr, BK: tl.constexpr):
+    """A = X Xᵀ for the upper tiles of A (b, m, m), mirrored."""
+    i, j = _upper_tile(tl.program_id(0), tl.cdiv(m, BLOCK))
+    bid = tl.program_id(1).to(tl.int64)
+    DT = a_ptr.dtype.element_ty
+    s = 1.0
+    if SCALED:
+        s = _inv_norm(part_ptr, bid, P, mult, eps, PB)
+    x = x_ptr + bid * sx_b
+    ri = i * BLOCK + tl.arange(0, BLOCK)
+    rj = j * BLOCK + tl.arange(0, BLOCK)
+    ri64 = ri.to(tl.int64)
+    rj64 = rj.to(tl.int64)
+    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for k in range(0, n, BK):
+        kk = k + tl.arange(0, BK)
+        xi = _load_x(x + ri64[:, None] * sx_m + kk[None, :] * sx_n, (ri[:, None] < m) & (kk[None, :] < n), s, DT,
+                     SCALED)
+        xj = _load_x(x + rj64[None, :] * sx_m + kk[:, None] * sx_n, (rj[None, :] < m) & (kk[:, None] < n), s, DT,
+                     SCALED)
+        acc = tl.dot(xi, xj, acc, input_precision=PREC)
+    _store_sym(a_ptr + bid * m * m, acc.to(DT), ri, rj, m, i, j)
+
+
+@triton.jit
+def _square_kernel(a_ptr, b_ptr, m, coef_b, coef_c, PREC: tl.constexpr, BLOCK: tl.constexpr, BK: tl.constexpr):
+    """B = coef_b A + coef_c A A for the upper tiles of B (b, m, m), mirrored; A is symmetric."""
+    i, j = _upper_tile(tl.program_id(0), tl.cdiv(m, BLOCK))
+    bid = tl.program_id(1).to(tl.int64)
+    a = a_ptr + bid * m * m
+    ri = i * BLOCK + tl.arange(0, BLOCK)
+    rj = j * BLOCK + tl.arange(0, BLOCK)
+    ri64 = ri.to(tl.int64)
+    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for k in range(0, m, BK):
+        kk = k + tl.arange(0, BK)
+        kk64 = kk.to(tl.int64)
+        ai = tl.load(a + ri64[:, None] * m + kk[None, :], mask=(ri[:, None] < m) & (kk[None, :] < m), other=0.0)
+        aj = tl.load(a + kk64[:, None] * m + rj[None, :], mask=(kk[:, None] < m) & (rj[None, :] < m), other=0.0)
+        acc = tl.dot(ai, aj, acc, input_precision=PREC)
+    aij = tl.load(a + ri64[:, None] * m + rj[None, :], mask=(ri[:, None] < m) & (rj[None, :] < m), other=0.0)
+    out = coef_b * aij.to(tl.float32) + coef_c * acc
+    _store_sym(b_ptr + bid * m * m, out.to(b_ptr.dtype.element_ty), ri, rj, m, i, j)
+
+
+@triton.jit
+def _update_kernel(x_ptr, bm_ptr, out_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, so_b, so_m, so_n, P, mult, eps, coef_a,
+                   SCALED: tl.constexpr, PB: tl.constexpr, PREC: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """out = coef_a X + B X, B (b, m, m) symmetric, X and out (b, m, n) through their strides."""
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    DT = out_ptr.dtype.element_ty
+    # grouped order: GROUP row tiles sweep the column tiles together, so B and X tiles stay in L2
+    tiles_m = tl.cdiv(m, BM)
+    per_group = GROUP * tl.cdiv(n, BN)
+    first_m = (pid // per_group) * GROUP
+    group_m = tl.minimum(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    s = 1.0
+    if SCALED:
+        s = _inv_norm(part_ptr, bid, P, mult, eps, PB)
+    x = x_ptr + bid * sx_b
+    bm = bm_ptr + bid * m * m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k in range(0, m, BK):
+        kk = k + tl.arange(0, BK)
+        bt = tl.load(bm + rm64[:, None] * m + kk[None, :], mask=(rm[:, None] < m) & (kk[None, :] < m), other=0.0)
+        xt = _load_x(x + kk.to(tl.int64)[:, None] * sx_m + rn[None, :] * sx_n, (kk[:, None] < m) & (rn[None, :] < n),
+                     s, DT, SCALED)
+        acc = tl.dot(bt, xt, acc, input_precision=PREC)
+    mask = (rm[:, None] < m) & (rn[None, :] < n)
+    xij = _load_x(x + rm64[:, None] * sx_m + rn[None, :] * sx_n, mask, s, DT, SCALED)
+    out = coef_a * xij.to(tl.float32) + acc
+    tl.store(out_ptr + bid * so_b + rm64[:, None] * so_m + rn[None, :] * so_n, out.to(DT), mask=mask)
+
+
+def _sym_configs():
+    if interpreted():
+        return [triton.Config({"BLOCK": 16, "BK": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK": 128, "BK": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK": 128, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK": 64, "BK": 64}, num_warps=4, num_stages=4)]
+
+
+def _update_configs():
+    if interpreted():
+        return [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP": 2}, num_warps=4)]
+    return [triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP": 8}, num_warps=4, num_stages=4)]
+
+
+gram_kernel = autotune(_sym_configs(), ["m", "n", "SCALED"])(_gram_kernel)
+square_kernel = autotune(_sym_configs(), ["m"])(_square_kernel)
+update_kernel = autotune(_update_configs(), ["m", "n", "SCALED"])(_update_kernel)
+
+
+def _tri(m, meta):
+    t = triton.cdiv(m, meta["BLOCK"])
+    return t * (t + 1) // 2
+
+
+def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """NS of (..., M, N) ``G``: contiguous, shape of G, in ``dtype``. float64 and zero steps (no matmul to
+    fuse into) take the torch path."""
+    if dtype not in DTYPES or not triples:
+        from disco_kernels.ops.newton_schulz import _torch
+        return _torch(G, triples, mult, eps, dtype)
+    out = torch.empty(G.shape, dtype=dtype, device=G.device)
+    G3 = G.reshape(-1, *G.shape[-2:])
+    b, M, N = G3.shape
+    if out.numel() == 0:
+        return out
+    tall = M > N
+    m, n = (N, M) if tall else (M, N)
+    out3 = out.view(b, M, N)
+
+    def strides(t):  # (batch, row, col) strides of X = t (or tᵀ when tall)
+        return (t.stride(0), t.stride(2), t.stride(1)) if tall else t.stride()
+
+    P = num_partials(M)
+    part = torch.empty((b, P), dtype=torch.float32, device=G.device)
+    rows_per_part = triton.cdiv(M, P)
+    _sumsq_kernel[(P, b)](G3, part, M, N, *G3.stride(), rows_per_part, P, BR=8, BC=64)
+    norm = dict(part_ptr=part, P=P, mult=mult, eps=eps, PB=triton.next_power_of_2(P), PREC=_PREC[dtype])
+    A = torch.empty((b, m, m), dtype=dtype, device=G.device)
+    B = torch.empty_like(A)
+    bufs = [torch.empty((b, m, n), dtype=dtype, device=G.device) for _ in range(min(2, len(triples) - 1))]
+    X, sx = G3, strides(G3)
+    for k, (a, cb, cc) in enumerate(triples):
+        first, last = k == 0, k == len(triples) - 1
+        gram_kernel[lambda meta: (_tri(m, meta), b)](X, A, m=m, n=n, sx_b=sx[0], sx_m=sx[1], sx_n=sx[2],
+                                                      SCALED=first, **norm)
+        square_kernel[lambda meta: (_tri(m, meta), b)](A, B, m, cb, cc, PREC=_PREC[dtype])
+        Y = out3 if last else bufs[k % 2]
+        sy = strides(out3) if last else Y.stride()
+        update_kernel[lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), b)](
+            X, B, Y, m=m, n=n, sx_b=sx[0], sx_m=sx[1], sx_n=sx[2], so_b=sy[0], so_m=sy[1], so_n=sy[2], coef_a=a,
+            SCALED=first, **norm)
+        X, sx = Y, sy
+    return out
