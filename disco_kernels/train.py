@@ -11,7 +11,7 @@ Writes into ``--out``: ``train.csv`` (step, tokens, lr, loss, output norm),
 
 Under torchrun (WORLD_SIZE > 1) the process group is initialised, the model is
 wrapped in DDP, rank 0 writes the outputs, and Scion gets ``process_group="default"``
-when its constructor takes that keyword.
+(each matrix orthogonalised once, on its owner rank).
 
     python -m disco_kernels.train --quick                 # seconds: a smoke run
     python -m disco_kernels.train                         # the paper's proxy shape, a few minutes on CPU
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import math
 import os
@@ -117,10 +116,8 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
     train_data, val_data = data[:split], data[split:]
     torch.manual_seed(seed)
     model = NormEverywhereLM(PRESETS[preset]).to(device)
-    opt_kwargs = {}
-    if world_size > 1 and "process_group" in inspect.signature(Scion).parameters:
-        opt_kwargs["process_group"] = "default"
-    opt = Scion(param_groups(model, lr=lr), lr=lr, momentum=1.0, unconstrained=True, **opt_kwargs)
+    opt = Scion(param_groups(model, lr=lr), lr=lr, momentum=1.0, unconstrained=True,
+                process_group="default" if world_size > 1 else None)
     monitor = NormMonitor(model, opt, every=monitor_every)
     net = model
     if world_size > 1:

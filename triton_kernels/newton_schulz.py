@@ -80,7 +80,8 @@ def _store_sym(out_ptr, tile, ri, rj, m, i, j):
     ri64 = ri.to(tl.int64)
     rj64 = rj.to(tl.int64)
     tl.store(out_ptr + ri64[:, None] * m + rj64[None, :], tile, mask=mask)
-    tl.store(out_ptr + rj64[None, :] * m + ri64[:, None], tile, mask=mask & (i != j))
+    if i != j:
+        tl.store(out_ptr + rj64[None, :] * m + ri64[:, None], tile, mask=mask)
 
 
 @triton.jit
