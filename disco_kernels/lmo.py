@@ -151,13 +151,12 @@ class SpectralConv(_NewtonSchulzNorm):
         return _set(w, w64 * self.scale_for(w.shape))
 
 
-class ColNorm(Norm):
-    """Column-wise LMO: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8.
-    ``transpose=True`` for embeddings stored (vocab, dim): each vocab row then has RMS 1."""
+class _AxisNorm(Norm):
+    """Shared by ColNorm and RowNorm: an LMO that normalises along one axis, ``transpose`` swapping it."""
 
-    fused = "ColNorm"
+    reference_lmo = None  # reference.lmo_colnorm or reference.lmo_rownorm
 
-    def __init__(self, normalized=False, transpose=False):
+    def __init__(self, normalized, transpose):
         self.normalized = normalized
         self.transpose = transpose
 
@@ -166,7 +165,18 @@ class ColNorm(Norm):
 
     def lmo(self, g, *, backend="auto"):
         self.check(g.shape)
-        return reference.lmo_colnorm(g, self.normalized, self.transpose)
+        return type(self).reference_lmo(g, self.normalized, self.transpose)
+
+
+class ColNorm(_AxisNorm):
+    """Column-wise LMO: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8.
+    ``transpose=True`` for embeddings stored (vocab, dim): each vocab row then has RMS 1."""
+
+    fused = "ColNorm"
+    reference_lmo = staticmethod(reference.lmo_colnorm)
+
+    def __init__(self, normalized=False, transpose=False):
+        super().__init__(normalized, transpose)
 
     def init(self, w):
         self.check(w.shape, "w")
@@ -179,21 +189,14 @@ class ColNorm(Norm):
         return _set(w, v.mT if self.transpose else v)
 
 
-class RowNorm(Norm):
+class RowNorm(_AxisNorm):
     """Row-wise LMO: each row over ||row||_2 (times sqrt(d_in) if normalized) + 1e-8."""
 
     fused = "RowNorm"
+    reference_lmo = staticmethod(reference.lmo_rownorm)
 
     def __init__(self, normalized=True, transpose=False):
-        self.normalized = normalized
-        self.transpose = transpose
-
-    def flags(self):
-        return {"normalized": self.normalized, "transpose": self.transpose}
-
-    def lmo(self, g, *, backend="auto"):
-        self.check(g.shape)
-        return reference.lmo_rownorm(g, self.normalized, self.transpose)
+        super().__init__(normalized, transpose)
 
     def init(self, w):
         self.check(w.shape, "w")
