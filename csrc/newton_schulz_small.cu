@@ -8,6 +8,7 @@
 #include "newton_schulz_small_kernel.cuh"
 
 namespace dk {
+static_assert(kNewtonSchulzMaxSteps == ns::kMaxSteps, "api.h and the kernel disagree on the step limit");
 namespace {
 
 int64_t pad16(int64_t x) { return (x + 15) / 16 * 16; }

@@ -33,6 +33,7 @@ void pass_k(const T* W, const float* v, float* part, int64_t batch, int64_t m, i
   const int64_t per = (n + V * pi::kMaxThreads - 1) / (V * pi::kMaxThreads);  // K needed
   if constexpr (V == 1) {
     if (per <= 8) return run_pass<T, 1, 8>(W, v, part, batch, m, n, splits, s);
+    if (per <= 16) return run_pass<T, 1, 16>(W, v, part, batch, m, n, splits, s);
     return run_pass<T, 1, 32>(W, v, part, batch, m, n, splits, s);
   } else {
     if (per <= 1) return run_pass<T, V, 1>(W, v, part, batch, m, n, splits, s);
@@ -79,6 +80,7 @@ void power_iteration_cuda(int dtype, std::uintptr_t W, int64_t batch, int64_t m,
     throw std::invalid_argument("power_iteration: the CUDA kernel takes n <= " + std::to_string(kPowerIterationMaxN) +
                                 ", got n = " + std::to_string(n));
   if (batch <= 0 || iters <= 0) return;
+  if (batch > 0x7fffffff) throw std::invalid_argument("power_iteration: batch too large for one grid");
   const auto vi = reinterpret_cast<const float*>(v_in);
   const auto vo = reinterpret_cast<float*>(v_out);
   const auto sg = reinterpret_cast<float*>(sigma);

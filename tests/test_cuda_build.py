@@ -183,3 +183,5 @@ def test_fused_update_cuda_limits_explained(ext):
     assert "at least 2 dims" in fu_mod.cuda_unsupported([torch.empty(4)], [torch.empty(4)], None, "ColNorm",
                                                         False, True, False)
     assert fu_mod.cuda_unsupported(p, [torch.empty(4, 4)], [torch.empty(4, 4)], "RowNorm", True, True, False) is None
+    two = [torch.empty(4, 4), torch.empty(4, 4, device="meta")]
+    assert "one device" in fu_mod.cuda_unsupported(two, two, None, "Sign", False, True, False)

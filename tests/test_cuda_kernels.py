@@ -1,5 +1,6 @@
 """CUDA kernels on a GPU vs the fp64 reference: odd shapes, batches, unaligned (offset) and
-non-contiguous storage, bf16/fp16/fp32. Run under compute-sanitizer as csrc/README.md shows."""
+non-contiguous storage, bf16/fp16/fp32, >2^31 elements (``huge``). Run under compute-sanitizer
+with scripts/cuda_sanitizer.sh (see csrc/README.md)."""
 import importlib
 
 import pytest
@@ -65,8 +66,7 @@ def make_case(shape, dtype, lmo, normalized, transpose, lr, scale, layout="conti
     if layout == "offset":
         p, g, buf = offset(p), offset(g), offset(buf)
     elif layout == "noncontiguous" and g.dim() >= 2:
-        g = g.mT.contiguous().mT
-        p = p.mT.contiguous().mT
+        p, g, buf = (t.mT.contiguous().mT for t in (p, g, buf))
     return p, g, buf
 
 
@@ -102,18 +102,32 @@ def test_fused_update_vs_fp64(dtype, lmo, normalized, transpose, shape, momentum
 @pytest.mark.parametrize("layout", ["offset", "noncontiguous"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lmo,normalized,transpose", [("Sign", True, False), ("RowNorm", True, False),
-                                                      ("ColNorm", True, False), ("ColNorm", True, True),
-                                                      ("BiasRMS", True, False)])
-def test_fused_update_layouts(layout, dtype, lmo, normalized, transpose):
-    lr, scale, momentum = 0.2, 1.5, 0.1
-    shapes = [(64, 128), (7, 129), (129, 8), (1, 1)]
+                                                      ("RowNorm", True, True), ("ColNorm", True, False),
+                                                      ("ColNorm", True, True), ("BiasRMS", True, False)])
+@pytest.mark.parametrize("momentum,use_buf,light", [(0.1, True, False), (0.3, False, True)])
+def test_fused_update_layouts(layout, dtype, lmo, normalized, transpose, momentum, use_buf, light):
+    """One group of tensors, each one element past a 16-byte boundary or transposed in memory
+    (p, g and buf; the mutated ones are written back)."""
+    lr, scale = 0.2, 1.5
+    shapes = [(64, 128), (7, 129), (129, 8), (2, 9, 16), (1, 1)]
     cases = [make_case(s, dtype, lmo, normalized, transpose, lr, scale, layout) for s in shapes]
     ps, gs, bs = (list(x) for x in zip(*cases))
     before = [(p.clone(), g.clone(), b.clone()) for p, g, b in cases]
-    dk.ops.fused_update(ps, gs, bs, lmo=lmo, lr=lr, momentum=momentum, scale=scale, normalized=normalized,
-                        transpose=transpose, backend="cuda")
+    dk.ops.fused_update(ps, gs, bs if use_buf else None, lmo=lmo, lr=lr, momentum=momentum, scale=scale,
+                        normalized=normalized, transpose=transpose, light=light, backend="cuda")
     for b4, p, g, b in zip(before, ps, gs, bs):
-        check_update(b4, (p, g, b), (lmo, normalized, transpose, lr, momentum, scale, False, False, True), dtype)
+        check_update(b4, (p, g, b), (lmo, normalized, transpose, lr, momentum, scale, False, light, use_buf), dtype)
+
+
+def test_fused_update_mixed_dtypes():
+    """A group with tensors of every dtype: one launch per dtype, each tensor updated once."""
+    lr, scale = 0.2, 1.5
+    cases = [(make_case(s, dt, "ColNorm", True, False, lr, scale), dt) for s in ((33, 20), (8, 64)) for dt in DTYPES]
+    ps, gs, bs = (list(x) for x in zip(*(c for c, _ in cases)))
+    before = [tuple(t.clone() for t in c) for c, _ in cases]
+    dk.ops.fused_update(ps, gs, bs, lmo="ColNorm", lr=lr, momentum=0.1, scale=scale, backend="cuda")
+    for b4, p, g, b, (_, dt) in zip(before, ps, gs, bs, cases):
+        check_update(b4, (p, g, b), ("ColNorm", True, False, lr, 0.1, scale, False, False, True), dt)
 
 
 def test_fused_update_many_tensors_and_empty():
@@ -147,10 +161,40 @@ def test_fused_update_nonfinite_stays_in_its_row():
     assert p[1].isnan().all() and p[[0, 2, 3]].isfinite().all()
 
 
+def needs_free_gpu_memory(gib):
+    if torch.cuda.mem_get_info()[0] < gib * 2**30:
+        pytest.skip(f"needs {gib} GiB of free GPU memory")
+
+
+HUGE_ROWS, HUGE_COLS = 2**31 // 4096 + 3, 4096  # 2^31 + 3 * 4096 elements
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lmo", ["Sign", "RowNorm", "ColNorm"])
+def test_fused_update_huge(lmo):
+    """Past 2^31 elements (64-bit offsets): g = 1 except its last row (-2), p = 0, so every
+    element of p' is -step or 2 step, written once (a second write would scale it by 1 - lr)."""
+    needs_free_gpu_memory(12)
+    lr, scale = 0.5, 1.0
+    p = torch.zeros(HUGE_ROWS, HUGE_COLS, dtype=torch.bfloat16, device="cuda")
+    g = torch.ones_like(p)
+    g[-1] = -2
+    dk.ops.fused_update([p], [g], None, lmo=lmo, lr=lr, scale=scale, backend="cuda")
+    R, C = HUGE_ROWS, HUGE_COLS
+    first, last = {  # p' of the first rows and of the last one, from the reference LMOs
+        "Sign": (-lr * scale / C, lr * scale / C),
+        "RowNorm": (-lr * scale / C, lr * scale / C),
+        "ColNorm": (-lr * scale / (C * (R + 3) ** 0.5 / R ** 0.5), 2 * lr * scale / (C * (R + 3) ** 0.5 / R ** 0.5)),
+    }[lmo]
+    assert (p[:-1] == p[0, 0]).all() and (p[-1] == p[-1, 0]).all()
+    assert abs(p[0, 0].item() / first - 1) <= 2 * unit(torch.bfloat16)
+    assert abs(p[-1, 0].item() / last - 1) <= 2 * unit(torch.bfloat16)
+
+
 # ---------------------------------------------------------------- power_iteration
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 300, 1000), (1, 20, 16384),
-                                   (5, 64, 4000)])
+                                   (5, 64, 4000), (3, 50, 5001), (2, 33, 16383)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "offset", "noncontiguous"])
 def test_power_iteration_vs_fp64(shape, dtype, layout):
@@ -160,7 +204,7 @@ def test_power_iteration_vs_fp64(shape, dtype, layout):
     elif layout == "noncontiguous":
         W = W.mT.contiguous().mT
     sigma, v = dk.ops.power_iteration(W, iters=4, backend="cuda")
-    sigma_ref, v_ref = ref.power_iteration(W.double().cpu(), iters=4)
+    sigma_ref, v_ref = ref.power_iteration(W.double(), iters=4)
     assert sigma.dtype == torch.float32 and sigma.shape == shape[:-2] and v.shape == shape[:-2] + shape[-1:]
     tol = elementwise_tol(torch.float32, 4 * shape[-1])
     assert rel_err(sigma, sigma_ref) < tol and rel_err(v, v_ref) < 16 * tol
@@ -184,6 +228,20 @@ def test_power_iteration_limits():
     assert sigma.isfinite()
 
 
+@pytest.mark.slow
+def test_power_iteration_huge():
+    """Past 2^31 elements: W = a 1ᵀ with a = (1, ..., 1, 1000) (last row past 2^31), so one
+    iteration gives sigma = sqrt(n) ||a|| exactly; a wrapped offset would miss the 1000s."""
+    needs_free_gpu_memory(6)
+    W = torch.ones(1, HUGE_ROWS, HUGE_COLS, dtype=torch.bfloat16, device="cuda")
+    W[0, -1] = 1000
+    sigma, v = dk.ops.power_iteration(W, iters=1, backend="cuda")
+    exact = (HUGE_COLS * (HUGE_ROWS - 1 + 1000.0 ** 2)) ** 0.5
+    tol = elementwise_tol(torch.float32, HUGE_ROWS // 64)  # fp32 sums over one of 64 row splits
+    assert abs(sigma.item() / exact - 1) < tol
+    assert rel_err(v, torch.full_like(v, HUGE_COLS ** -0.5)) < tol
+
+
 # ---------------------------------------------------------------- newton_schulz (fused small)
 
 NS_SHAPES = [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 16, 16), (4, 128, 128), (2, 100, 300), (2, 300, 100),
@@ -192,7 +250,8 @@ NS_SHAPES = [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 16, 16), (4, 128, 128)
 
 @pytest.mark.parametrize("shape", NS_SHAPES)
 @pytest.mark.parametrize("in_dtype,dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                                            (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+                                            (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                            (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
 @pytest.mark.parametrize("coefficients", ["jordan", "polar_express", [(3.0, -3.2, 1.2)]])
 def test_newton_schulz_small_vs_fp64(shape, in_dtype, dtype, coefficients):
     """Error vs the fp64 iteration no worse than the torch reference's own error in that dtype."""
@@ -206,13 +265,16 @@ def test_newton_schulz_small_vs_fp64(shape, in_dtype, dtype, coefficients):
 
 
 @pytest.mark.parametrize("layout", ["offset", "noncontiguous"])
-def test_newton_schulz_small_layouts(layout):
-    G = torch.randn(3, 37, 90, dtype=torch.float64)
-    Gd = G.to(device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("in_dtype,dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                            (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [(3, 37, 90), (2, 90, 37)])
+def test_newton_schulz_small_layouts(layout, in_dtype, dtype, shape):
+    G = torch.randn(shape, dtype=torch.float64)
+    Gd = G.to(device="cuda", dtype=in_dtype)
     Gd = offset(Gd) if layout == "offset" else Gd.mT.contiguous().mT
-    out = dk.ops.newton_schulz(Gd, 5, backend="cuda")
+    out = dk.ops.newton_schulz(Gd, 5, dtype=dtype, backend="cuda")
     exact = ref.newton_schulz(G, 5)
-    assert rel_err(out.cpu(), exact) <= 1.5 * rel_err(ref.newton_schulz(Gd, 5).cpu(), exact) + 64 * unit(torch.bfloat16)
+    assert rel_err(out.cpu(), exact) <= 1.5 * rel_err(ref.newton_schulz(Gd, 5, dtype=dtype).cpu(), exact) + 64 * unit(dtype)
 
 
 def test_newton_schulz_small_special_values():
@@ -222,6 +284,32 @@ def test_newton_schulz_small_special_values():
     assert torch.isnan(dk.ops.newton_schulz(G, backend="cuda")).all()
     out = dk.ops.newton_schulz(torch.randn(4, 8, device="cuda", dtype=torch.bfloat16), steps=0, backend="cuda")
     assert out.float().norm().item() == pytest.approx(1.0, rel=8 * unit(torch.bfloat16))  # X0 only
+
+
+@pytest.mark.parametrize("s", [17, 65, 128])
+def test_newton_schulz_small_largest_fitting(s):
+    """The widest matrix the device's shared memory takes (odd width), wide and tall."""
+    ext = _backend.cuda_extension()
+    l = max(x for x in range(s, 4097) if ext.newton_schulz_small_fits(s, x, torch.cuda.current_device()))
+    l -= (l + 1) % 2
+    for shape in ((2, s, l), (2, l, s)):
+        G = torch.randn(shape, dtype=torch.float64)
+        out = dk.ops.newton_schulz(G.to(device="cuda", dtype=torch.bfloat16), 5, backend="cuda")
+        exact = ref.newton_schulz(G, 5)
+        ref_err = rel_err(ref.newton_schulz(G.to(device="cuda", dtype=torch.bfloat16), 5).cpu(), exact)
+        assert rel_err(out.cpu(), exact) <= 1.5 * ref_err + 64 * unit(torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_newton_schulz_small_huge():
+    """A batch of more than 2^31 elements: the last matrix is read and written at 64-bit offsets."""
+    needs_free_gpu_memory(12)
+    one = torch.randn(1, 128, 512, device="cuda", dtype=torch.bfloat16)
+    G = one.expand(2**31 // (128 * 512) + 1, 128, 512).contiguous()
+    G[-1] = -one[0]
+    out = dk.ops.newton_schulz(G, 5, backend="cuda")
+    first = dk.ops.newton_schulz(one, 5, backend="cuda")[0]
+    assert torch.equal(out[0], first) and torch.equal(out[-2], first) and torch.equal(out[-1], -first)
 
 
 def test_newton_schulz_dispatch_by_shape():
@@ -240,6 +328,7 @@ def test_newton_schulz_dispatch_by_shape():
 def test_kernels_run_on_the_current_stream():
     s = torch.cuda.Stream()
     G = torch.randn(64, 32, 32, device="cuda", dtype=torch.bfloat16)
+    s.wait_stream(torch.cuda.current_stream())  # G is written on the default stream
     with torch.cuda.stream(s):
         out = dk.ops.newton_schulz(G, backend="cuda")
         sigma, _ = dk.ops.power_iteration(G.float(), iters=3, backend="cuda")

@@ -90,6 +90,8 @@ def cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light) -> 
         b = bufs[i] if bufs and not light else None
         if p.dtype not in CUDA_DTYPES:
             return f"params[{i}] has dtype {p.dtype}; the CUDA kernel takes float32, bfloat16 or float16"
+        if p.device != params[0].device:
+            return f"params[{i}] is on {p.device}, params[0] on {params[0].device}: one launch runs on one device"
         for name, t in (("grads", g), ("bufs", b)):
             if t is not None and (t.dtype != p.dtype or t.shape != p.shape or t.device != p.device):
                 return (f"{name}[{i}] ({t.dtype}, {tuple(t.shape)}, {t.device}) must match params[{i}] "
