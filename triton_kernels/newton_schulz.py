@@ -201,10 +201,10 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
         from disco_kernels.ops.newton_schulz import _torch
         return _torch(G, triples, mult, eps, dtype)
     out = torch.empty(G.shape, dtype=dtype, device=G.device)
-    G3 = G.reshape(-1, *G.shape[-2:])
-    b, M, N = G3.shape
     if out.numel() == 0:
         return out
+    G3 = G.reshape(-1, *G.shape[-2:])
+    b, M, N = G3.shape
     tall = M > N
     m, n = (N, M) if tall else (M, N)
     out3 = out.view(b, M, N)

@@ -101,12 +101,12 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor, iters: int):
     if W.dtype not in DTYPES:
         from disco_kernels.ops.power_iteration import _torch
         return _torch(W, v, iters)
+    if W.numel() == 0:  # W v = 0: sigma 0, v kept
+        return v.new_zeros(W.shape[:-2]), v.clone()
     W3 = W.reshape(-1, *W.shape[-2:])
     b, m, n = W3.shape
     v = v.reshape(b, n).clone()
     sigma = v.new_zeros(b)
-    if W3.numel() == 0:
-        return sigma.reshape(W.shape[:-2]), v.reshape(W.shape[:-2] + (n,))
     acc = torch.zeros_like(v)
     usq = torch.zeros_like(sigma)
     BN = min(triton.next_power_of_2(n), NMAX)
