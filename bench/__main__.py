@@ -1,10 +1,12 @@
 """``python -m bench [--quick | --smoke] [--out DIR]``: time every op and the whole
 optimizer step against the reference and peers, with the share of the device's peak.
 
-Writes results.json, results.csv and PNG plots to ``--out`` (default
-bench/out/<device>-<date>/) and prints a short table. ``--quick`` fits in two
-minutes on a 2-core CPU (shapes scaled down on CPU, and said so); ``--smoke``
-is a seconds-long run on tiny shapes (the test suite uses it).
+Writes results.json, results.csv (after every suite, so a cut-short run keeps
+what it timed) and PNG plots to ``--out`` (default bench/out/{device}-{date}/)
+and prints a short table. With no flag it runs the full suite (real shapes on
+a GPU); ``--quick`` fits in two minutes on a 2-core CPU (shapes scaled down on
+CPU, and said so); ``--smoke`` is a seconds-long run on tiny shapes (the test
+suite uses it).
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ import torch
 
 from . import fused_update, newton_schulz, optimizer_step, power_iteration, report
 from .case import Plan, measure
-from .device import Device, detect, environment
+from .device import Device, detect, dtype_name, environment
 from .shapes import OP_MODELS, STEP_MODELS, for_preset
 
 SUITES = {"newton_schulz": newton_schulz, "power_iteration": power_iteration, "fused_update": fused_update,
           "step": optimizer_step}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_OUT = str(Path(__file__).parent / "out" / "{device}-{date}")
+QUICK_LIMIT = 100.0  # seconds of cases in --quick, leaving room for setup and plots within two minutes
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -32,12 +36,17 @@ def parse(argv=None) -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="short run (< 2 min on a 2-core CPU)")
     mode.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (CI)")
-    ap.add_argument("--out", type=Path, help="output directory (default bench/out/<device>-<date>)")
-    ap.add_argument("--suites", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
-    ap.add_argument("--impls", help="comma list of implementations to time (e.g. torch,compile,reference)")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="output directory; {device} and {date} are filled in (default bench/out/{device}-{date})")
+    ap.add_argument("--suites", default=",".join(SUITES), help=f"comma list, run in that order, of {', '.join(SUITES)}")
+    ap.add_argument("--impls", help="comma list of implementations to time (e.g. torch,compile,reference); "
+                    "naming triton times it even interpreted on a CPU")
     ap.add_argument("--dtypes", help="comma list of fp32, bf16, fp16 (default: fp32,bf16 in full runs; "
                     "else bf16 on a GPU, fp32 on a CPU)")
     ap.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--time-limit", type=float, metavar="S",
+                    help=f"start no case after S seconds, the rest written as skipped (default: {QUICK_LIMIT:.0f} "
+                    "with --quick, which keeps its promise on a loaded machine; else none)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return ap.parse_args(argv)
 
@@ -68,8 +77,8 @@ def make_plan(args, device: Device) -> Plan:
     default = "fp32,bf16" if preset == "full" else "bf16" if device.is_cuda else "fp32"
     dtypes = tuple(DTYPES[d] for d in (args.dtypes or default).split(","))
     impls = frozenset(args.impls.split(",")) if args.impls else None
-    # torch.compile costs seconds of compile time per shape on a CPU: only in full runs there.
-    compile_ = preset == "full" or (device.is_cuda and preset == "quick")
+    # torch.compile costs seconds of compile time per shape on a CPU: only in full runs there, or when named.
+    compile_ = preset == "full" or (device.is_cuda and preset == "quick") or "compile" in (impls or ())
     return Plan(device, preset, dtypes, impls, compile_)
 
 
@@ -81,43 +90,67 @@ def distributed_rows(quick: bool) -> list[dict]:
     return distributed.run(quick)
 
 
+def _skipped(case) -> dict:
+    return {"suite": case.suite, "model": case.model, "case": case.case, "shape": case.shape,
+            "dtype": dtype_name(case.dtype), "impl": case.impl, "baseline": case.baseline,
+            "status": "skipped: time limit"}
+
+
 def main(argv=None) -> Path:
     args = parse(argv)
+    threads = torch.get_num_threads()
+    if args.smoke:  # correctness, not speed: one thread never waits on a descheduled peer
+        torch.set_num_threads(1)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args) -> Path:
     t0 = time.perf_counter()
+    limit = args.time_limit if args.time_limit is not None else QUICK_LIMIT if args.quick else None
     device = detect(args.device)
     plan = make_plan(args, device)
-    out = args.out or Path(__file__).parent / "out" / f"{device.slug()}-{datetime.date.today().isoformat()}"
+    for dtype in {*plan.dtypes, torch.bfloat16}:  # measured on a CPU: before the header and the timings
+        device.peak_flops(dtype)
+    out = Path(args.out.format(device=device.slug(), date=datetime.date.today().isoformat()))
     print(f"device: {device.name} | peaks ({device.peak_source}): "
           f"{', '.join(f'{k} {v:.3g} TFLOP/s' for k, v in device.peak_tflops.items())}, {device.peak_gbps:.4g} GB/s")
     print(f"preset: {plan.preset} | {describe_shapes(plan)}")
     if not plan.compile:
-        print("torch.compile: not timed in this preset on CPU (compile time); the full preset times it")
+        print("torch.compile: not timed in this preset on CPU (compile time); the full preset or --impls compile do")
+    if not device.is_cuda and "triton" in (plan.impls or ()):
+        print("triton: timed interpreted on the CPU, as asked: its times say nothing about the kernels, "
+              "and the interpreter's bf16 tl.dot is wrong")
     suites = [s.strip() for s in args.suites.split(",")]
     unknown = set(suites) - set(SUITES)
     if unknown:
         raise SystemExit(f"unknown suites {sorted(unknown)}; choose from {', '.join(SUITES)}")
-    cases = [c for s in suites for c in SUITES[s].cases(plan)]
-    threads = torch.get_num_threads()
-    if plan.preset == "smoke":  # correctness, not speed: one thread never waits on a descheduled peer
-        torch.set_num_threads(1)
-    try:
-        rows = [measure(c, plan) for c in _progress(cases, len(cases))]
-    finally:
-        torch.set_num_threads(threads)
+    cases = {s: SUITES[s].cases(plan) for s in suites}
+
+    def meta():  # the environment as of now: peaks for dtypes first met in a case are measured then
+        return {"environment": environment(device), "preset": plan.preset, "shapes": describe_shapes(plan),
+                "seconds": round(time.perf_counter() - t0, 1)}
+
+    rows = []
+    for case in _progress((c for s in suites for c in cases[s]), sum(map(len, cases.values()))):
+        late = limit is not None and time.perf_counter() - t0 > limit
+        rows.append(_skipped(case) if late else measure(case, plan))
+        if case is cases[case.suite][-1]:  # a suite done: keep what it timed
+            report.add_speedups(rows)
+            report.write(rows, meta(), out)
     report.add_speedups(rows)
-    meta = {"environment": environment(device), "preset": plan.preset, "shapes": describe_shapes(plan),
-            "seconds": round(time.perf_counter() - t0, 1)}
-    files = report.write(rows, meta, out)
+    files = report.write(rows, meta(), out)
     if dist := distributed_rows(plan.preset != "full"):
-        files += report.write(dist, meta, out, stem="distributed")
+        files += report.write(dist, meta(), out, stem="distributed")
     if not args.no_plots:
-        files += report.plot(rows, out)
+        files += report.plot(rows, out, f"{device.name}, peaks {device.peak_source}, {plan.preset} preset")
     print(report.table(rows))
     print(f"\n{len(rows)} cases in {time.perf_counter() - t0:.0f} s; results and plots in {out}/:")
     for f in files:
         print(f"  {f.name}")
     return out
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

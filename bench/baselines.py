@@ -2,10 +2,13 @@
 
 - ``reference_ns`` / ``ReferenceScion``: the reference Scion (LIONS-EPFL/scion)
   restated as a plain per-parameter torch loop, its Newton-Schulz in bf16.
-- ``muon_ns``: the orthogonalisation of ``torch.optim.Muon`` where torch has it.
-- ``peer_ns``: peer packages when installed (never required).
+- ``ns_baselines``: ``reference_ns``, the orthogonalisation of ``torch.optim.Muon``
+  where torch has it, and those of the peer packages when installed (optional,
+  never required): gram-newton-schulz, emerging-optimizers, dion.
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -95,35 +98,54 @@ def _per_matrix(fn):
     return lambda G: torch.stack([fn(g) for g in G]) if G.dim() > 2 else fn(G)
 
 
-def muon_ns():
-    """torch.optim.Muon's Newton-Schulz (jordan coefficients, 5 steps, bf16), or None when torch lacks it."""
-    try:
+class Orthogonaliser(NamedTuple):
+    """A baseline G -> NS(G): the dtype its matmuls run in, the coefficients it iterates with (its error
+    is measured against fp64 NS with those), and whether it compiles itself (seconds per shape)."""
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    compute_dtype: torch.dtype
+    coefficients: object = "jordan"
+    compiles: bool = False
+
+
+# Keller Jordan's tuned quintic schedule, the 5 steps microsoft/dion's Triton NS runs.
+QUINTIC = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+           (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+
+
+def ns_baselines(device: torch.device) -> dict[str, Orthogonaliser]:
+    """The reference, torch.optim.Muon's NS where torch has it, and the peer packages that import here."""
+    out = {"reference": Orthogonaliser(reference_ns, torch.bfloat16)}
+    try:  # torch >= 2.9: jordan coefficients, 5 steps, bf16, 2-D only
         from torch.optim._muon import _zeropower_via_newtonschulz
+        out["torch-muon"] = Orthogonaliser(_per_matrix(lambda g: _zeropower_via_newtonschulz(g, JORDAN, 5, 1e-7)),
+                                           torch.bfloat16)
     except ImportError:
-        return None
-    return _per_matrix(lambda g: _zeropower_via_newtonschulz(g, JORDAN, 5, 1e-7))
-
-
-def peer_ns(device: torch.device) -> dict:
-    """{name: (G -> orthogonalised G, dtype its matmuls run in)} for the peer packages that import here."""
-    peers = {}
-    try:  # Dao-AILab/gram-newton-schulz: Gram NS, fp16 iterations, CuTeDSL kernels on GPU
+        pass
+    try:  # Dao-AILab/gram-newton-schulz: Gram NS in fp16, torch.compile'd, CuTeDSL kernels (quack) on a GPU
         from gram_newton_schulz import GramNewtonSchulz
-        peers["gram-newton-schulz"] = (GramNewtonSchulz(ns_coefficients=[list(JORDAN)] * 5,
-                                                        ns_use_kernels=device.type == "cuda"), torch.float16)
+        out["gram-newton-schulz"] = Orthogonaliser(_gram_ns(GramNewtonSchulz, device), torch.float16, compiles=True)
     except Exception:
         pass
-    try:  # NVIDIA-NeMo/Emerging-Optimizers: fp32 input, "simple" = jordan coefficients
+    try:  # NVIDIA-NeMo/Emerging-Optimizers: fp32 in and out, "simple" = jordan coefficients, 2-D only
         from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz as eo_ns
-        peers["emerging-optimizers"] = (_per_matrix(lambda g: eo_ns(g.float(), 5, coefficient_type="simple")),
-                                        torch.float32)
+        out["emerging-optimizers"] = Orthogonaliser(
+            _per_matrix(lambda g: eo_ns(g.float(), 5, coefficient_type="simple")), torch.float32)
     except Exception:
         pass
     if device.type == "cuda":
-        try:  # microsoft/dion: Triton NS (its own 5 "quintic" coefficient steps, bf16)
+        try:  # microsoft/dion: Triton NS, bf16, its own quintic schedule
             from dion.newton_schulz_triton import newton_schulz_triton
-            peers["dion"] = (newton_schulz_triton, torch.bfloat16)
+            out["dion"] = Orthogonaliser(newton_schulz_triton, torch.bfloat16, coefficients=QUINTIC)
         except Exception:
             pass
-    return peers
+    return out
 
+
+def _gram_ns(cls, device: torch.device):
+    kw = {"ns_coefficients": [list(JORDAN)] * 5}
+    if device.type == "cuda":
+        try:
+            return cls(**kw, ns_use_kernels=True)
+        except ImportError:  # quack missing: its torch path
+            pass
+    return cls(**kw, ns_use_kernels=False)

@@ -1,7 +1,9 @@
 """A benchmark case (one op or step, one shape, dtype and implementation) and its measurement.
 
-Every case knows its work: ``flops`` and ``bytes`` (read + written once), and
-which of them bounds it; the floor time on the device follows from its peaks,
+Every case knows its work: ``flops`` (TFLOP/s are reported in them) and
+``bytes`` (read + written once, GB/s), which of them bounds it, and the least
+FLOPs any implementation needs (``floor_flops``, below ``flops`` where a kernel
+may exploit symmetry). The floor time on the device follows from its peaks,
 and ``share_of_peak = floor / measured time``.
 """
 from __future__ import annotations
@@ -39,10 +41,12 @@ class Plan:
         return self.impls is None or impl in self.impls
 
     def our_impls(self, backends: tuple[str, ...]) -> list[str]:
-        """Our implementations given the ``backends`` an op has kernels for: the available ones (Triton only
-        on a GPU: interpreted Triton is a correctness tool, not timed), then "compile" when the plan has it."""
+        """Our implementations given the ``backends`` an op has kernels for: the available ones (Triton off
+        a GPU only when asked for by name: interpreted Triton is a correctness tool, its time means
+        nothing), then "compile" when the plan has it."""
         dev = self.device.torch_device
-        names = [b for b in dk.available_backends(dev) if b in backends and (b != "triton" or dev.type == "cuda")]
+        timed = dev.type == "cuda" or (self.impls is not None and "triton" in self.impls)
+        names = [b for b in dk.available_backends(dev) if b in backends and (b != "triton" or timed)]
         if self.compile:
             names.append("compile")
         return [n for n in names if self.wants(n)]
@@ -65,12 +69,15 @@ class Case:
     bound: str                              # "compute", "memory" or "both"
     build: Callable[[], tuple[Callable[[], object], Callable[[], float] | None]]
     compute_dtype: torch.dtype | None = None  # the dtype the flops run in (default: dtype)
+    floor_flops: float | None = None          # least FLOPs any implementation needs (default: flops)
+    warmup: int = 1                           # calls before timing (3 where torch.compile recompiles)
     extra: dict = field(default_factory=dict)
 
     def floor_seconds(self, device: Device) -> float:
         t = 0.0
         if self.bound in ("compute", "both"):
-            t += self.flops / device.peak_flops(self.compute_dtype or self.dtype)
+            flops = self.flops if self.floor_flops is None else self.floor_flops
+            t += flops / device.peak_flops(self.compute_dtype or self.dtype)
         if self.bound in ("memory", "both"):
             t += self.bytes / (device.peak_gbps * 1e9)
         return t
@@ -94,21 +101,31 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den else num
 
 
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
 def measure(case: Case, plan: Plan) -> dict:
-    """Time ``case`` on the plan's device; returns one result row (status "error: ..." on failure)."""
+    """Time ``case`` on the plan's device; returns one result row (status "error: ..." on failure;
+    a failing error check alone, e.g. the fp64 twin out of memory, leaves rel_err NaN and a note)."""
     row = {"suite": case.suite, "model": case.model, "case": case.case, "shape": case.shape,
            "dtype": dtype_name(case.dtype), "impl": case.impl, "baseline": case.baseline,
            "flops": case.flops, "bytes": case.bytes, **case.extra}
+    fn = check = None
     try:
         fn, check = case.build()
-        row["rel_err"] = check() if check is not None else math.nan
-        seconds = median_seconds(fn, plan.device.torch_device, plan.preset)
+        try:
+            row["rel_err"] = check() if check is not None else math.nan
+        except Exception as e:
+            row.update(rel_err=math.nan, note=f"error check failed: {_why(e)}")
+        seconds = median_seconds(fn, plan.device.torch_device, plan.preset, case.warmup)
     except Exception as e:  # a peer or backend failing must not end the run
-        row.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+        unsupported = case.impl == "cuda" and isinstance(e, ValueError) and "cannot run" in str(e)
+        row.update(status=f"{'unsupported' if unsupported else 'error'}: {_why(e)}")
         return row
     finally:
         fn = check = None
-        if plan.device.is_cuda:  # hand the case's memory back before the next one
+        if plan.device.is_cuda and torch.cuda.memory_allocated() > 1 << 30:  # free what a cycle may still hold
             gc.collect()
             torch.cuda.empty_cache()
     floor = case.floor_seconds(plan.device)

@@ -1,11 +1,13 @@
 """The whole optimizer step for whole models (parameter lists built from shapes).
 
 Ours: ``dk.Scion`` per backend ("auto" on a GPU, and each backend that runs
-every op) and torch.compile(Scion.step); baseline: the
-reference Scion as a per-parameter loop (bf16 Newton-Schulz). Floor: the
+every op) and torch.compile(Scion.step) (on the proxy only: tracing a step over
+the ~150 tensors of the other models takes minutes); baseline: the reference
+Scion as a per-parameter loop (bf16 Newton-Schulz). Floor: the symmetric
 Newton-Schulz flops at the bf16 peak plus every update's bytes at the memory
 peak. Error: of the update against the reference loop in fp64, on the same
-model cut to two layers (same shapes, less memory).
+model cut to two layers (same shapes, less memory); not for "compile", which
+compiles the checked torch step (a second compile would double its cost).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import disco_kernels as dk
 
 from .baselines import ReferenceScion
 from .case import Case, Plan, kernels, rel_err
-from .shapes import STEP_MODELS, for_preset, ns_flops, update_bytes
+from .shapes import PROXY, STEP_MODELS, for_preset, ns_flops, ns_floor_flops, update_bytes
 
 LR, MOMENTUM = 2 ** -10, 0.1
 
@@ -45,9 +47,14 @@ def make_step(impl: str, groups: list[dict], ns_dtype: torch.dtype = torch.bfloa
 
 
 def step_error(impl: str, model, dtype, plan: Plan) -> float:
-    """Relative error of one step's update against the fp64 reference loop, on ``model`` cut to 2 layers."""
+    """Relative error of one step's update against the fp64 reference loop, on ``model`` cut to 2 layers
+    (16-bit params from 0: an update of lr times p would drown in the rounding of p)."""
     groups = make_groups(replace(model, layers=min(2, model.layers)), dtype, plan.device.torch_device,
                          plan.generator())
+    if dtype.itemsize < 4:
+        for g in groups:
+            for p in g["params"]:
+                p.zero_()
     exact = [{**g, "params": [p.double() for p in g["params"]]} for g in groups]
     for g64, g in zip(exact, groups):
         for p64, p in zip(g64["params"], g["params"]):
@@ -60,31 +67,32 @@ def step_error(impl: str, model, dtype, plan: Plan) -> float:
     return rel_err(mine, want)
 
 
-def work(model, dtype) -> tuple[float, float]:
-    """(Newton-Schulz flops, update bytes) of one step."""
-    flops = numel = 0
+def work(model, dtype) -> tuple[float, float, float]:
+    """(plain and floor Newton-Schulz flops, update bytes) of one step."""
+    flops = floor = numel = 0
     for _, norm, _, shapes in model.groups():
         for _, shape in shapes:
             numel += math.prod(shape)
             if norm == "Spectral":
                 flops += ns_flops(shape)
-    return flops, update_bytes(numel, dtype.itemsize, MOMENTUM)
+                floor += ns_floor_flops(shape)
+    return flops, floor, update_bytes(numel, dtype.itemsize, MOMENTUM)
 
 
 def _case(plan, model, dtype, impl) -> Case:
     def build():
         step = make_step(impl, make_groups(model, dtype, plan.device.torch_device, plan.generator()))
-        return step, lambda: step_error(impl, model, dtype, plan)
-    flops, bytes_ = work(model, dtype)
+        return step, None if impl == "compile" else lambda: step_error(impl, model, dtype, plan)
+    flops, floor, bytes_ = work(model, dtype)
     return Case("step", model.label, f"Scion step, {model.n_params() / 1e6:.1f}M params", "-", dtype, impl,
                 impl == "reference", flops=flops, bytes=bytes_, bound="both", build=build,
-                compute_dtype=torch.bfloat16)
+                compute_dtype=torch.bfloat16, floor_flops=floor, warmup=3 if impl == "compile" else 1)
 
 
 def cases(plan: Plan) -> list[Case]:
     shared = tuple(set(kernels("newton_schulz")) & set(kernels("fused_update")))  # a forced backend must run every op
-    impls = plan.our_impls(shared)
+    impls = [i for i in plan.our_impls(shared) if i != "cuda"]  # small-matrix CUDA kernels: "auto" runs them
     impls = (["auto"] if plan.device.is_cuda and plan.wants("auto") else []) + impls
     impls += ["reference"] if plan.wants("reference") else []
     return [_case(plan, m, dtype, impl) for m in for_preset(STEP_MODELS, plan.preset, plan.device.torch_device)
-            for dtype in plan.dtypes for impl in impls]
+            for dtype in plan.dtypes for impl in impls if impl != "compile" or m.name == PROXY.name]

@@ -49,8 +49,19 @@ def _series(rows):
     return sorted(by.items())
 
 
-def plot(rows: list[dict], out: Path) -> list[Path]:
-    """time_vs_size.png (log-log, one series per impl and dtype) and share_of_peak.png (median per series)."""
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _size(suite, r):
+    """x of the time-vs-size plot: n of the (n, 4n) sweep for Newton-Schulz, else bytes moved."""
+    return int(r["case"].removeprefix("n=")) if suite == "newton_schulz" else r["bytes"]
+
+
+def plot(rows: list[dict], out: Path, title: str = "") -> list[Path]:
+    """time_vs_size.png (log-log, one series per impl and dtype; Newton-Schulz: the (n, 4n) sweep; lines
+    where the size is one family's, else points) and share_of_peak.png (median share of peak per series)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,28 +69,33 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     suites = [s for s in SUITES if _ok(rows, s)]
     if not suites:
         return []
+    picked = {s: [r for r in _ok(rows, s) if s != "newton_schulz" or r["model"] == "sweep"] for s in suites}
     files = []
-    fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 4.4), squeeze=False)
     for ax, suite in zip(axes[0], suites):
-        for label, rs in _series(_ok(rows, suite)):
-            size = "flops" if suite == "newton_schulz" else "bytes"
-            rs = sorted(rs, key=lambda r: r[size])
-            ax.plot([r[size] for r in rs], [r["time_ms"] for r in rs], "o-", ms=3, lw=1, label=label)
+        for label, rs in _series(picked[suite]):
+            rs = sorted(rs, key=lambda r: _size(suite, r))
+            ax.plot([_size(suite, r) for r in rs], [r["time_ms"] for r in rs], "o", ms=4, label=label,
+                    ls="-" if suite in ("newton_schulz", "step") else "none", lw=1)
         ax.set(xscale="log", yscale="log", title=suite, ylabel="time (ms)",
-               xlabel="FLOPs (NS floor)" if suite == "newton_schulz" else "bytes (read + written once)")
-        ax.legend(fontsize=6)
+               xlabel="n of an (n, 4n) matrix" if suite == "newton_schulz" else "bytes (read + written once)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     files.append(out / "time_vs_size.png")
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 4.4), squeeze=False)
     for ax, suite in zip(axes[0], suites):
         series = _series(_ok(rows, suite))
-        shares = [100 * sorted(r["share_of_peak"] for r in rs)[len(rs) // 2] for _, rs in series]
-        ax.barh([label for label, _ in series], shares)
+        ax.barh([label for label, _ in series], [100 * _median(r["share_of_peak"] for r in rs) for _, rs in series],
+                color=["tab:gray" if rs[0]["baseline"] else "tab:blue" for _, rs in series])
         ax.set(title=suite, xlabel="median share of peak (%)")
         ax.tick_params(axis="y", labelsize=7)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"{title}  (blue: ours, grey: baselines)", fontsize=9)
     fig.tight_layout()
     files.append(out / "share_of_peak.png")
     fig.savefig(files[-1], dpi=120)
@@ -92,27 +108,45 @@ def _geomean(xs):
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else math.nan
 
 
+def _fmt(x, spec):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 def table(rows: list[dict]) -> str:
-    """Per suite, impl and dtype: cases, median time, median share of peak, geomean speedup vs the reference, max error."""
-    lines = [f"{'suite':16s} {'impl':20s} {'dtype':5s} {'cases':>5s} {'median ms':>10s} {'%peak':>6s} "
-             f"{'x ref':>6s} {'max err':>8s}"]
+    """Per suite, impl and dtype: cases, median time, median share of peak, geomean speedup against each
+    baseline of the suite, max error; then the whole step per model; then what was not timed."""
+    lines = []
     for suite in SUITES:
-        for label, rs in _series(_ok(rows, suite)):
+        ok = _ok(rows, suite)
+        if not ok:
+            continue
+        bases = list(dict.fromkeys(r["impl"] for r in ok if r["baseline"]))
+        lines.append(f"{suite:16s} {'impl':20s} {'dtype':5s} {'cases':>5s} {'median ms':>10s} {'%peak':>6s} "
+                     + "".join(f"{'x ' + b[:10]:>13s}" for b in bases) + f" {'max err':>8s}")
+        for label, rs in _series(ok):
             impl, dtype = label.rsplit(" ", 1)
-            times = sorted(r["time_ms"] for r in rs)
-            share = sorted(r["share_of_peak"] for r in rs)[len(rs) // 2]
             errs = [r["rel_err"] for r in rs if isinstance(r.get("rel_err"), float) and not math.isnan(r["rel_err"])]
-            lines.append(f"{suite:16s} {impl:20s} {dtype:5s} {len(rs):5d} {times[len(times) // 2]:10.3f} "
-                         f"{100 * share:6.1f} {_geomean(r.get('speedup_vs_reference') for r in rs):6.2f} "
-                         f"{max(errs) if errs else math.nan:8.1e}")
+            gains = [None if b == impl else _geomean(r.get("speedup_vs_" + b) for r in rs) for b in bases]
+            speedups = "".join(f"{_fmt(x, '.2f'):>13s}" for x in gains)
+            lines.append(f"{'':16s} {impl:20s} {dtype:5s} {len(rs):5d} {_median(r['time_ms'] for r in rs):10.3f} "
+                         f"{100 * _median(r['share_of_peak'] for r in rs):6.1f} {speedups} "
+                         f"{_fmt(max(errs) if errs else None, '8.1e'):>8s}")
     steps = _ok(rows, "step")
     if steps:
-        lines += ["", f"{'step':28s} {'dtype':5s} {'impl':10s} {'ms':>9s} {'%peak':>6s} {'x ref':>6s} {'err':>8s}"]
+        lines += ["", f"{'whole step':28s} {'dtype':5s} {'impl':10s} {'ms':>9s} {'%peak':>6s} {'x ref':>6s} "
+                  f"{'err':>8s}"]
         for r in steps:
-            lines.append(f"{r['model']:28s} {r['dtype']:5s} {r['impl']:10s} {r['time_ms']:9.2f} "
-                         f"{100 * r['share_of_peak']:6.1f} {r.get('speedup_vs_reference', math.nan):6.2f} "
-                         f"{r.get('rel_err', math.nan):8.1e}")
-    failed = [r for r in rows if r.get("status", "ok") != "ok"]
-    for r in failed:
-        lines.append(f"not timed: {r['suite']} {r['model']} {r['case']} {r['dtype']} {r['impl']}: {r['status']}")
+            lines.append(f"{r['model'] + ', ' + r['case'].split(', ')[-1]:28s} {r['dtype']:5s} {r['impl']:10s} "
+                         f"{r['time_ms']:9.2f} {100 * r['share_of_peak']:6.1f} "
+                         f"{_fmt(r.get('speedup_vs_reference'), '6.2f'):>6s} {_fmt(r.get('rel_err'), '8.1e'):>8s}")
+    counted = {"unsupported": "outside what the CUDA kernels take", "skipped": "skipped: past the time limit"}
+    for kind, what in counted.items():
+        if n := sum(r.get("status", "").startswith(kind) for r in rows):
+            lines.append(f"\n{n} cases {what} (status in results.csv)")
+    for r in rows:
+        status = r.get("status", "ok")
+        if status != "ok" and not status.startswith(tuple(counted)):
+            lines.append(f"not timed: {r['suite']} {r['model']} {r['case']} {r['dtype']} {r['impl']}: {status}")
+        elif r.get("note"):
+            lines.append(f"note: {r['suite']} {r['model']} {r['case']} {r['dtype']} {r['impl']}: {r['note']}")
     return "\n".join(lines)

@@ -121,10 +121,19 @@ def ns_sweep(preset: str, device: torch.device) -> list[int]:
 
 
 def ns_flops(shape: tuple[int, ...], steps: int = 5) -> float:
-    """FLOP floor of Newton-Schulz: per step 4 m² n + 2 m³ with m <= n, times the batch."""
+    """FLOPs of plain Newton-Schulz, the count TFLOP/s is reported in for every implementation:
+    per step 2 m² n (A = X Xᵀ) + 2 m³ (A A) + 2 m² n (B X) with m <= n, times the batch."""
     *batch, a, b = shape
     m, n = min(a, b), max(a, b)
     return math.prod(batch) * steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def ns_floor_flops(shape: tuple[int, ...], steps: int = 5) -> float:
+    """FLOP floor of Newton-Schulz (the share-of-peak floor): X Xᵀ and A A are symmetric, so a kernel
+    that computes one triangle (our Triton one) needs only m² n + m³ for them: 3 m² n + m³ per step."""
+    *batch, a, b = shape
+    m, n = min(a, b), max(a, b)
+    return math.prod(batch) * steps * (3 * m * m * n + m ** 3)
 
 
 def update_bytes(numel: int, itemsize: int, momentum: float) -> int:

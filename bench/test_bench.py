@@ -16,9 +16,9 @@ from disco_kernels import reference
 
 from . import baselines, fused_update, newton_schulz, optimizer_step, power_iteration, report
 from .__main__ import main
-from .case import Plan, measure, rel_err
+from .case import Case, Plan, measure, rel_err
 from .device import Device, table_peaks
-from .shapes import GPT2_124M, PROXY, ns_flops
+from .shapes import GPT2_124M, PROXY, ns_floor_flops, ns_flops
 
 # Fixed peaks: the tests check the arithmetic, not this machine.
 CPU = Device(torch.device("cpu"), "cpu (test)", "measured", {"fp32": 0.05, "bf16": 0.05}, 10.0)
@@ -45,12 +45,15 @@ def test_reference_ns_is_the_reference_math():
     torch.testing.assert_close(baselines.reference_ns(G, dtype=torch.float64), reference.newton_schulz(G, 5))
 
 
-def test_torch_muon_baseline_orthogonalises():
-    muon = baselines.muon_ns()
-    if muon is None:
-        pytest.skip("this torch has no torch.optim.Muon")
-    G = torch.randn(24, 40)
-    assert rel_err(muon(G), reference.newton_schulz(G.double(), 5)) < 64 * torch.finfo(torch.bfloat16).eps
+@pytest.mark.parametrize("name", ["torch-muon", "gram-newton-schulz", "emerging-optimizers"])
+def test_installed_ns_baselines_orthogonalise(name):
+    """Each baseline that imports here runs on batches and matches fp64 NS with its coefficients."""
+    o = baselines.ns_baselines(torch.device("cpu")).get(name)
+    if o is None:
+        pytest.skip(f"{name} is not installed here")
+    G = torch.randn(2, 40, 24)
+    want = reference.newton_schulz(G.double(), 5, o.coefficients)
+    assert rel_err(o.fn(G.clone()), want) < 64 * torch.finfo(o.compute_dtype).eps
 
 
 def test_reference_scion_matches_dk_scion_in_fp64():
@@ -89,10 +92,32 @@ def test_fused_targets_cover_every_lmo():
     assert lmos == {"Sign", "RowNorm", "ColNorm", "BiasRMS"}
 
 
-def test_ns_flops_floor():
+def test_ns_flops_plain_and_symmetric_floor():
     assert ns_flops((768, 3072)) == 5 * (4 * 768 ** 2 * 3072 + 2 * 768 ** 3)
     assert ns_flops((3072, 768)) == ns_flops((768, 3072))
     assert ns_flops((12, 64, 768)) == 12 * ns_flops((64, 768))
+    # X Xᵀ and A A computed one triangle each: half their 2 m² n and 2 m³.
+    assert ns_floor_flops((768, 3072)) == ns_flops((768, 3072)) - 5 * (768 ** 2 * 3072 + 768 ** 3)
+    case = next(c for c in newton_schulz.cases(PLAN) if c.impl == "torch")
+    assert case.floor_flops == ns_floor_flops(tuple(map(int, case.shape.split("x"))))
+    assert case.floor_seconds(CPU) == case.floor_flops / 0.05e12
+
+
+def test_interpreted_triton_is_timed_only_when_named(monkeypatch):
+    monkeypatch.setattr(dk, "available_backends", lambda device: ["torch", "triton"])
+    assert Plan(CPU, "smoke").our_impls(("torch", "triton")) == ["torch"]
+    assert Plan(CPU, "smoke", impls=frozenset({"triton"})).our_impls(("torch", "triton")) == ["triton"]
+
+
+def test_failed_error_check_still_times():
+    def build():
+        def check():
+            raise MemoryError("fp64 twin")
+        return (lambda: None), check
+    case = Case("fused_update", "m", "c", "1", torch.float32, "torch", False, flops=0, bytes=8, bound="memory",
+                build=build)
+    row = measure(case, PLAN)
+    assert row["status"] == "ok" and math.isnan(row["rel_err"]) and "fp64 twin" in row["note"]
 
 
 def test_model_sizes():
@@ -110,6 +135,14 @@ def test_peak_table(name, label):
 
 def test_peak_table_unknown_gpu():
     assert table_peaks("NVIDIA GeForce RTX 4090") is None
+
+
+def test_cli_time_limit_and_out_template(tmp_path):
+    out = main(["--smoke", "--suites", "fused_update", "--time-limit", "0", "--no-plots",
+                "--out", str(tmp_path / "{device}-{date}")])
+    assert out.parent == tmp_path and out.name.startswith("cpu-2")
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows and {r["status"] for r in rows} == {"skipped: time limit"}
 
 
 def test_cli_writes_results_and_plots(tmp_path):

@@ -2,7 +2,7 @@
 
 GPU: ``triton.testing.do_bench`` (warm-up, L2 flush before every run, CUDA
 events), or CUDA events with our own L2 flush when Triton is missing.
-CPU: median of repeated wall-clock runs after a warm-up call.
+CPU: median of repeated wall-clock runs after warm-up calls.
 """
 from __future__ import annotations
 
@@ -11,25 +11,29 @@ import time
 
 import torch
 
-# Budget per measurement, seconds: (warm-up, timed) on GPU, timed on CPU.
-BUDGETS = {"smoke": (0.002, 0.005), "quick": (0.025, 0.1), "full": (0.1, 0.5)}
+# Seconds per measurement: (warm-up, timed) on a GPU; timed on a CPU, at least CPU_MIN_RUNS runs.
+GPU_BUDGETS = {"smoke": (0.002, 0.005), "quick": (0.02, 0.08), "full": (0.05, 0.25)}
+CPU_BUDGETS = {"smoke": 0.005, "quick": 0.1, "full": 0.5}
+CPU_MIN_RUNS = {"smoke": 3, "quick": 3, "full": 5}
 L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of A100 (40 MB) / H100 and H200 (50 MB)
 
 
-def median_seconds(fn, device: torch.device, preset: str = "quick") -> float:
-    """Median seconds of one ``fn()`` call on ``device``."""
-    warmup, rep = BUDGETS[preset]
+def median_seconds(fn, device: torch.device, preset: str = "quick", warmup_calls: int = 1) -> float:
+    """Median seconds of one ``fn()`` call on ``device``, after ``warmup_calls`` untimed calls
+    (compilation, lazy state, CUDA-graph recording)."""
+    for _ in range(warmup_calls):
+        fn()
     if device.type == "cuda":
+        warmup, rep = GPU_BUDGETS[preset]
         try:
             from triton.testing import do_bench
         except ImportError:
             return _cuda_events(fn, warmup, rep)
         return do_bench(fn, warmup=warmup * 1e3, rep=rep * 1e3, return_mode="median") / 1e3
-    return _wall_clock(fn, rep)
+    return _wall_clock(fn, CPU_BUDGETS[preset], CPU_MIN_RUNS[preset])
 
 
-def _wall_clock(fn, budget: float, min_runs: int = 3, max_runs: int = 100) -> float:
-    fn()  # warm-up: allocations, lazy init, compilation
+def _wall_clock(fn, budget: float, min_runs: int, max_runs: int = 100) -> float:
     times = []
     start = time.perf_counter()
     while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - start < budget):
@@ -41,7 +45,6 @@ def _wall_clock(fn, budget: float, min_runs: int = 3, max_runs: int = 100) -> fl
 
 def _cuda_events(fn, warmup: float, budget: float) -> float:
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()

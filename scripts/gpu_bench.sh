@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The full benchmark on a GPU machine, no network needed: real model shapes, every
+# backend, fp32 and bf16, the baselines that are installed. Results and plots go
+# to bench/results/<device>-<date>/ (to commit); pass --out DIR to write elsewhere
+# (e.g. --out "$OUT/{device}-{date}"), and any other `python -m bench` flag.
+#
+#   scripts/gpu_bench.sh                     # whole suite, cases started within 480 s
+#   BENCH_TIME_LIMIT=900 scripts/gpu_bench.sh --suites step,newton_schulz
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python -c "import disco_kernels.triton_kernels" 2>/dev/null; then
+    # Offline install, as the README says; builds the CUDA extension when nvcc is found.
+    python -m pip install --no-build-isolation --no-deps -e . >/dev/null
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+python -m disco_kernels                         # versions, backends, self-check
+# The headline first: a run cut by the time limit keeps the whole-step numbers.
+exec python -m bench --out "bench/results/{device}-{date}" --time-limit "${BENCH_TIME_LIMIT:-480}" \
+    --suites step,newton_schulz,fused_update,power_iteration "$@"
