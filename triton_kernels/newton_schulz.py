@@ -40,7 +40,7 @@ def _sumsq_kernel(g_ptr, part_ptr, rows, cols, s_b, s_r, s_c, rows_per_part, P,
         rr = r + tl.arange(0, BR)
         for c in range(0, cols, BC):
             cc = c + tl.arange(0, BC)
-            x = tl.load(g + rr[:, None].to(tl.int64) * s_r + cc[None, :] * s_c,
+            x = tl.load(g + rr[:, None].to(tl.int64) * s_r + cc.to(tl.int64)[None, :] * s_c,
                         mask=(rr[:, None] < r_end) & (cc[None, :] < cols), other=0.0).to(tl.float32)
             acc += x * x
     tl.store(part_ptr + bid * P + pid, tl.sum(tl.sum(acc, 1), 0))
@@ -103,9 +103,10 @@ def _gram_kernel(x_ptr, a_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, P, mult, eps,
     acc = tl.zeros((BLOCK, BLOCK), tl.float32)
     for k in range(0, n, BK):
         kk = k + tl.arange(0, BK)
-        xi = _load_x(x + ri64[:, None] * sx_m + kk[None, :] * sx_n, (ri[:, None] < m) & (kk[None, :] < n), s, DT,
+        kk64 = kk.to(tl.int64)
+        xi = _load_x(x + ri64[:, None] * sx_m + kk64[None, :] * sx_n, (ri[:, None] < m) & (kk[None, :] < n), s, DT,
                      SCALED)
-        xj = _load_x(x + rj64[None, :] * sx_m + kk[:, None] * sx_n, (rj[None, :] < m) & (kk[:, None] < n), s, DT,
+        xj = _load_x(x + rj64[None, :] * sx_m + kk64[:, None] * sx_n, (rj[None, :] < m) & (kk[:, None] < n), s, DT,
                      SCALED)
         acc = tl.dot(xi, xj, acc, input_precision=PREC)
     _store_sym(a_ptr + bid * m * m, acc.to(DT), ri, rj, m, i, j)
@@ -155,17 +156,18 @@ def _update_kernel(x_ptr, bm_ptr, out_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, so_
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
     acc = tl.zeros((BM, BN), tl.float32)
     for k in range(0, m, BK):
         kk = k + tl.arange(0, BK)
         bt = tl.load(bm + rm64[:, None] * m + kk[None, :], mask=(rm[:, None] < m) & (kk[None, :] < m), other=0.0)
-        xt = _load_x(x + kk.to(tl.int64)[:, None] * sx_m + rn[None, :] * sx_n, (kk[:, None] < m) & (rn[None, :] < n),
+        xt = _load_x(x + kk.to(tl.int64)[:, None] * sx_m + rn64[None, :] * sx_n, (kk[:, None] < m) & (rn[None, :] < n),
                      s, DT, SCALED)
         acc = tl.dot(bt, xt, acc, input_precision=PREC)
     mask = (rm[:, None] < m) & (rn[None, :] < n)
-    xij = _load_x(x + rm64[:, None] * sx_m + rn[None, :] * sx_n, mask, s, DT, SCALED)
+    xij = _load_x(x + rm64[:, None] * sx_m + rn64[None, :] * sx_n, mask, s, DT, SCALED)
     out = coef_a * xij.to(tl.float32) + acc
-    tl.store(out_ptr + bid * so_b + rm64[:, None] * so_m + rn[None, :] * so_n, out.to(DT), mask=mask)
+    tl.store(out_ptr + bid * so_b + rm64[:, None] * so_m + rn64[None, :] * so_n, out.to(DT), mask=mask)
 
 
 def _sym_configs():

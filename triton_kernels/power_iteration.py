@@ -37,7 +37,7 @@ def _sweep_kernel(w_ptr, v_ptr, acc_ptr, usq_ptr, m, n, s_b, s_m, s_n,
         vacc = tl.zeros((BN,), tl.float32)
         for r in range(pid * BM, m, tl.num_programs(0) * BM):
             rows = r + tl.arange(0, BM)
-            wt = tl.load(w + rows.to(tl.int64)[:, None] * s_m + cols[None, :] * s_n,
+            wt = tl.load(w + rows.to(tl.int64)[:, None] * s_m + cols.to(tl.int64)[None, :] * s_n,
                          mask=(rows[:, None] < m) & (cols[None, :] < n), other=0.0).to(tl.float32)
             u = tl.sum(wt * vv[None, :], 1)
             usq += tl.sum(u * u, 0)
@@ -50,12 +50,14 @@ def _sweep_kernel(w_ptr, v_ptr, acc_ptr, usq_ptr, m, n, s_b, s_m, s_n,
             u = tl.zeros((BM,), tl.float32)
             for c in range(0, n, BN):
                 cc = c + cols
-                wt = tl.load(wr + cc[None, :] * s_n, mask=(rows[:, None] < m) & (cc[None, :] < n), other=0.0)
+                wt = tl.load(wr + cc.to(tl.int64)[None, :] * s_n, mask=(rows[:, None] < m) & (cc[None, :] < n),
+                             other=0.0)
                 u += tl.sum(wt.to(tl.float32) * tl.load(v + cc, mask=cc < n, other=0.0)[None, :], 1)
             usq += tl.sum(u * u, 0)
             for c in range(0, n, BN):
                 cc = c + cols
-                wt = tl.load(wr + cc[None, :] * s_n, mask=(rows[:, None] < m) & (cc[None, :] < n), other=0.0)
+                wt = tl.load(wr + cc.to(tl.int64)[None, :] * s_n, mask=(rows[:, None] < m) & (cc[None, :] < n),
+                             other=0.0)
                 tl.atomic_add(acc + cc, tl.sum(wt.to(tl.float32) * u[:, None], 0), mask=cc < n)
     tl.atomic_add(usq_ptr + bid, usq)
 
