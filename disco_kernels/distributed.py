@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ._finite import finite_mask
 from .lmo import BiasRMS, ColNorm, RowNorm, Sign
 
 BUCKET_BYTES = 64 << 20
@@ -367,22 +368,21 @@ def _flags(params, err, check_finite: bool, device) -> torch.Tensor:
     n = len(params)
     flags = torch.zeros(1 + 3 * n, dtype=torch.float32)
     flags[0] = err is not None
-    grads = []  # with a non-empty local gradient (an empty one is finite and has no inf-norm)
+    grads = []  # with a non-empty local gradient (an empty one is finite)
     for k, p in enumerate(params):
         flags[1 + k + (n if p.grad is None else 0)] = 1
         if p.grad is not None and local([p.grad])[0].numel():
             grads.append(k)
     flags = flags.to(device)
     if check_finite and grads and err is None:
-        maxes = torch._foreach_norm(local([params[k].grad for k in grads]), ord=math.inf)
-        bad = (~torch.stack([m.to(device) for m in maxes]).isfinite()).float()
+        bad = (~finite_mask(local([params[k].grad for k in grads])).to(device)).float()
         flags[1 + 2 * n + torch.tensor(grads, device=device)] = bad
     return flags
 
 
 def _raise_agreed(group, err) -> None:
     """Raise the same exception on every rank: the first failing rank's, naming that rank."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     mine = None if err is None else (type(err).__name__, str(err))
     gathered = [None] * world
     dist.all_gather_object(gathered, mine, group=group)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend, distributed
+from ._finite import finite_mask
 from .distributed import local
 from .lmo import Norm, make_norm
 from .ops import fused_update
@@ -149,14 +150,14 @@ class Scion(torch.optim.Optimizer):
         return parts
 
     def _all_finite(self, parts: list[_Part]) -> bool:
-        grads = [g for part in parts for g in part.grads]
-        if not grads or self.nonfinite == "ignore":
+        if self.nonfinite == "ignore":
             return True
-        maxes = torch._foreach_norm(grads, ord=math.inf)
         by_device = defaultdict(list)
-        for m in maxes:
-            by_device[m.device].append(m)
-        if all(torch.stack(ms).isfinite().all().item() for ms in by_device.values()):
+        for part in parts:
+            for g in part.grads:
+                if g.numel():
+                    by_device[g.device].append(g)
+        if all(finite_mask(gs).all().item() for gs in by_device.values()):
             return True
         if self.nonfinite == "skip":
             warnings.warn("Scion: non-finite gradient, step skipped (parameters and state unchanged)", RuntimeWarning,

@@ -231,7 +231,6 @@ def test_tiny_transformer_loss_decreases():
     emb = torch.nn.Embedding(vocab, d)
     block = torch.nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
     head = torch.nn.Linear(d, vocab, bias=False)
-    model = torch.nn.ModuleDict({"emb": emb, "block": block, "head": head})
     hidden = [p for p in block.parameters() if p.dim() == 2]
     vectors = [p for p in block.parameters() if p.dim() < 2]
     opt = dk.Scion([{"params": [emb.weight], "norm": "ColNorm", "norm_kwargs": {"transpose": True}},
@@ -415,3 +414,20 @@ def test_compiled_step_matches_eager():
     compiled = run(model, torch.compile(opt.step, fullgraph=True))
     for a, b in zip(compiled, eager):
         assert rel_err(a, b) < 1e3 * unit(torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_has_no_overflow(dtype):
+    """Gradients at the top of their dtype's range are finite (no sum or square to overflow); one inf, -inf
+    or nan anywhere is not."""
+    from disco_kernels._finite import finite_mask
+    big = torch.finfo(dtype).max
+    grads = [torch.full((5, 7), big, dtype=dtype), torch.full((3,), -big, dtype=dtype), torch.tensor(big, dtype=dtype)]
+    assert finite_mask(grads).tolist() == [True, True, True]
+    for bad in (math.inf, -math.inf, math.nan):
+        g = torch.zeros(4, 9, dtype=dtype)
+        g[2, 5] = bad
+        assert finite_mask([grads[0], g]).tolist() == [True, False]
+    p = torch.nn.Parameter(torch.zeros(5, 7, dtype=dtype))
+    p.grad = grads[0].clone()
+    dk.Scion([p], norm="Sign", lr=0.0).step()  # raises if the check overflowed
