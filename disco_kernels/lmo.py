@@ -167,46 +167,44 @@ class _AxisNorm(Norm):
         self.check(g.shape)
         return type(self).reference_lmo(g, self.normalized, self.transpose)
 
+    def init(self, w):
+        """Gaussian, then each column (ColNorm) or row (RowNorm) of the (transposed) weight scaled to
+        the norm that ``init_scale(d_out, d_in)`` gives."""
+        self.check(w.shape, "w")
+        v = w.detach().clone()
+        v = v.mT if self.transpose else v
+        torch.nn.init.normal_(v)
+        v = v / torch.linalg.vector_norm(v, dim=self.axis, keepdim=True) * self.init_scale(*v.shape)
+        return _set(w, v.mT if self.transpose else v)
+
 
 class ColNorm(_AxisNorm):
     """Column-wise LMO: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8.
     ``transpose=True`` for embeddings stored (vocab, dim): each vocab row then has RMS 1."""
 
     fused = "ColNorm"
+    axis = 0
     reference_lmo = staticmethod(reference.lmo_colnorm)
 
     def __init__(self, normalized=False, transpose=False):
         super().__init__(normalized, transpose)
 
-    def init(self, w):
-        self.check(w.shape, "w")
-        v = w.detach().clone()
-        v = v.mT if self.transpose else v
-        torch.nn.init.normal_(v)
-        v = v / torch.linalg.vector_norm(v, dim=0, keepdim=True) * math.sqrt(v.size(0))
-        if self.normalized:
-            v = v / v.size(1)
-        return _set(w, v.mT if self.transpose else v)
+    def init_scale(self, d_out, d_in):
+        return math.sqrt(d_out) / (d_in if self.normalized else 1)
 
 
 class RowNorm(_AxisNorm):
     """Row-wise LMO: each row over ||row||_2 (times sqrt(d_in) if normalized) + 1e-8."""
 
     fused = "RowNorm"
+    axis = 1
     reference_lmo = staticmethod(reference.lmo_rownorm)
 
     def __init__(self, normalized=True, transpose=False):
         super().__init__(normalized, transpose)
 
-    def init(self, w):
-        self.check(w.shape, "w")
-        v = w.detach().clone()
-        v = v.mT if self.transpose else v
-        torch.nn.init.normal_(v)
-        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-        if self.normalized:
-            v = v / math.sqrt(v.size(-1))
-        return _set(w, v.mT if self.transpose else v)
+    def init_scale(self, d_out, d_in):
+        return 1 / math.sqrt(d_in) if self.normalized else 1.0
 
 
 class Sign(Norm):
