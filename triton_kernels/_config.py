@@ -23,6 +23,10 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Grid axes 1 and 2 take at most 65535 programs: batches beyond that run in chunks.
+MAX_GRID_Y = 65535
+
+
 def num_partials(rows: int) -> int:
     """How many programs split a per-matrix reduction over ``rows`` rows (partial sums, no atomics)."""
     return max(1, min(rows, 4 if interpreted() else 64))

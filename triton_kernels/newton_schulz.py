@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune, interpreted, num_partials
+from ._config import MAX_GRID_Y, autotune, interpreted, num_partials
 
 _PREC = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}  # (tf32 is ignored for 16-bit)
 DTYPES = tuple(_PREC)
@@ -207,6 +207,11 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
         return out
     G3 = G.reshape(-1, *G.shape[-2:])
     b, M, N = G3.shape
+    if b > MAX_GRID_Y:  # the batch is grid axis 1
+        out3 = out.view(b, M, N)
+        for s in range(0, b, MAX_GRID_Y):
+            out3[s:s + MAX_GRID_Y] = newton_schulz(G3[s:s + MAX_GRID_Y], triples, mult, eps, dtype)
+        return out
     tall = M > N
     m, n = (N, M) if tall else (M, N)
     out3 = out.view(b, M, N)

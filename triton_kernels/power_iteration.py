@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune, interpreted, num_sms
+from ._config import MAX_GRID_Y, autotune, interpreted, num_sms
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NMAX = 64 if interpreted() else 16384  # widest row kept in registers
@@ -107,6 +107,11 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor, iters: int):
         return v.new_zeros(W.shape[:-2]), v.clone()
     W3 = W.reshape(-1, *W.shape[-2:])
     b, m, n = W3.shape
+    if b > MAX_GRID_Y:  # the batch is grid axis 1
+        v2 = v.reshape(b, n)
+        parts = [power_iteration(W3[s:s + MAX_GRID_Y], v2[s:s + MAX_GRID_Y], iters) for s in range(0, b, MAX_GRID_Y)]
+        return (torch.cat([p[0] for p in parts]).reshape(W.shape[:-2]),
+                torch.cat([p[1] for p in parts]).reshape(W.shape[:-2] + (n,)))
     v = v.reshape(b, n).clone()
     sigma = v.new_zeros(b)
     acc = torch.zeros_like(v)
