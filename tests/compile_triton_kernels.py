@@ -66,6 +66,11 @@ def specs(full=False):
                                 {"sx_n": 1, "so_n": 1, "SCALED": scaled, "PB": 64, "PREC": prec}, c,
                                 f"ns._update_kernel[{dt},SCALED={scaled}]"))
 
+        max_m, max_elems = ns.SMALL_LIMITS[DTYPE_SIZE[dt]]
+        for bm, bn in ((max_m, max_elems // max_m), (16, max_elems // 16)):
+            out.append(spec(f"ns._small_kernel[{dt},{bm}x{bn}]", ns._small_kernel, dict(x, coef_ptr="*fp32"),
+                            {"PREC": prec, "BM": bm, "BN": bn}, triton.Config({}, num_warps=8)))
+
         w = {"w_ptr": f"*{dt}", "v_ptr": "*fp32", "acc_ptr": "*fp32", "usq_ptr": "*fp32", "sigma_ptr": "*fp32"}
         for k, c in configs(pi._configs(), full):
             for one_pass in (True, False):

@@ -17,6 +17,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
 
 
+@pytest.fixture(params=["fused", "tiled"])
+def path(request, monkeypatch):
+    """The CPU tests run on both paths: the one-launch fused kernel for small matrices (what the small test
+    shapes take by default) and the tiled three-kernels-per-step path (forced by disabling the fused one)."""
+    from disco_kernels.triton_kernels import newton_schulz as module
+    if request.param == "tiled":
+        monkeypatch.setattr(module, "SMALL_LIMITS", {2: (0, 0), 4: (0, 0)})
+    return request.param
+
+
 def check_vs_torch(G, steps, coefficients="jordan", dtype=None):
     """Triton's error vs the fp64 iteration is within the torch backend's, plus a slack of a few roundings."""
     dtype = dtype or G.dtype
@@ -32,29 +42,29 @@ def check_vs_torch(G, steps, coefficients="jordan", dtype=None):
 # (2, 40, 50) has a 3 x 3 tile grid (off-diagonal mirrors, edges on both sides).
 @pytest.mark.parametrize("shape", [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 40, 50)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_vs_fp64(shape, dtype):
+def test_vs_fp64(shape, dtype, path):
     check_vs_torch(torch.randn(shape, device=DEVICE).to(dtype), steps=3)
 
 
 @pytest.mark.parametrize("coefficients", ["jordan", "polar_express", [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]])
-def test_schedules(coefficients):
+def test_schedules(coefficients, path):
     """Five steps of each schedule (the custom one repeats its last triple)."""
     check_vs_torch(torch.randn(2, 20, 33, device=DEVICE), steps=5, coefficients=coefficients)
 
 
-def test_noncontiguous_and_cast():
+def test_noncontiguous_and_cast(path):
     """Transposed and strided views are read in place; G's dtype may differ from the compute dtype."""
     base = torch.randn(50, 2, 40, device=DEVICE)
     check_vs_torch(base[:, 0, :].T, steps=2)  # (40, 50), column stride 80
     check_vs_torch(base[:, 1, :33], steps=2, dtype=torch.float16)  # tall (50, 33), fp32 in, fp16 out
 
 
-def test_one_step_tall():
+def test_one_step_tall(path):
     """A single step reads G and writes the (transposed-back) result with no buffer in between."""
     check_vs_torch(torch.randn(3, 21, 5, device=DEVICE), steps=1)
 
 
-def test_zero_nan_empty_and_fallbacks():
+def test_zero_nan_empty_and_fallbacks(path):
     assert dk.ops.newton_schulz(torch.zeros(2, 4, 6, device=DEVICE), 2, backend="triton").abs().max() == 0
     G = torch.randn(5, 8, device=DEVICE)
     G[1, 2] = float("nan")
@@ -103,10 +113,21 @@ def test_gpu_spectral_lmo_many_is_one_batched_launch():
         assert rel_err(a, b) < 64 * unit(torch.bfloat16)
 
 
-def test_batch_beyond_grid_limit_runs_in_chunks(monkeypatch):
+def test_batch_beyond_grid_limit_runs_in_chunks(monkeypatch, path):
     """Batches larger than grid axis 1 allows run in chunks, each matrix computed exactly as unchunked."""
     from disco_kernels.triton_kernels import newton_schulz as module
     G = torch.randn(5, 9, 6, device=DEVICE)  # tall: the chunks are transposed back too
     whole = dk.ops.newton_schulz(G, 2, backend="triton")
     monkeypatch.setattr(module, "MAX_GRID_Y", 2)
     assert torch.equal(dk.ops.newton_schulz(G, 2, backend="triton"), whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256, 64, 64), (32, 48, 200), (96, 16, 1024), (8, 200, 40)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_fused_small(shape, dtype):
+    """Per-head sized batches take the one-launch fused kernel."""
+    from disco_kernels.triton_kernels.newton_schulz import _small_tile
+    if _small_tile(*sorted(shape[-2:]), dtype) is None:
+        assert dtype == torch.float32  # fp32's tile is smaller: these shapes take the tiled path
+    check_vs_torch(torch.randn(shape, device="cuda"), steps=5, dtype=dtype)

@@ -11,8 +11,12 @@ The first step reads G itself: X0 = G / (mult ||G||_F + eps) is formed as the
 tiles are loaded (rounded to ``dtype`` where the torch path rounds X0), with
 ||G||_F² summed from the per-block partials of one _sumsq_kernel pass. The last
 step writes straight into the result (transposed back through strides when
-tall). Accumulation is fp32; A, B and X are stored in ``dtype`` as in the torch
+tall). Accumulation is fp32; A, B and X are rounded to ``dtype`` as in the torch
 path, so the error matches it. fp32 products use IEEE fp32 (no TF32).
+
+Small matrices (padded m x n within SMALL_LIMITS) take one launch for
+the whole iteration instead: _small_kernel keeps one matrix in registers from the
+load of G to the store of the result, every step in between (grid: the batch).
 """
 from __future__ import annotations
 
@@ -170,6 +174,29 @@ def _update_kernel(x_ptr, bm_ptr, out_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, so_
     tl.store(out_ptr + bid * so_b + rm64[:, None] * so_m + rn64[None, :] * so_n, out.to(DT), mask=mask)
 
 
+@triton.jit
+def _small_kernel(g_ptr, out_ptr, coef_ptr, steps, m, n, sg_b, sg_m, sg_n, so_b, so_m, so_n, mult, eps,
+                  PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Every step for one (m, n) matrix, m <= BM, n <= BN, on chip: X = G / (mult ||G||_F + eps);
+    per step A = X Xᵀ, B = b A + c A A, X = a X + B X (each rounded to the output dtype);
+    coefficients (a, b, c) per step from coef_ptr. Padding rows and columns stay zero."""
+    bid = tl.program_id(0).to(tl.int64)
+    DT = out_ptr.dtype.element_ty
+    rm = tl.arange(0, BM).to(tl.int64)
+    rn = tl.arange(0, BN).to(tl.int64)
+    mask = (rm[:, None] < m) & (rn[None, :] < n)
+    g = tl.load(g_ptr + bid * sg_b + rm[:, None] * sg_m + rn[None, :] * sg_n, mask=mask, other=0.0).to(tl.float32)
+    x = (g / (mult * tl.sqrt(tl.sum(tl.sum(g * g, 1), 0)) + eps)).to(DT)
+    for k in range(steps):
+        a = tl.load(coef_ptr + 3 * k)
+        b = tl.load(coef_ptr + 3 * k + 1)
+        c = tl.load(coef_ptr + 3 * k + 2)
+        A = tl.dot(x, tl.trans(x), input_precision=PREC).to(DT)
+        B = (b * A.to(tl.float32) + c * tl.dot(A, A, input_precision=PREC)).to(DT)
+        x = (a * x.to(tl.float32) + tl.dot(B, x, input_precision=PREC)).to(DT)
+    tl.store(out_ptr + bid * so_b + rm[:, None] * so_m + rn[None, :] * so_n, x, mask=mask)
+
+
 def _sym_configs():
     if interpreted():
         return [triton.Config({"BLOCK": 16, "BK": 16}, num_warps=4)]
@@ -196,6 +223,18 @@ def _tri(m, meta):
     return t * (t + 1) // 2
 
 
+# The fused small-matrix path: a padded (BM, BN) tile per matrix held in registers. Limits per compute
+# dtype, from ptxas register counts for sm_90a (no spills): 16-bit up to 64 x 256, fp32 (IEEE dots) 32 x 256.
+SMALL_LIMITS = {2: (64, 16384), 4: (32, 8192)}  # itemsize: (largest BM, largest BM * BN)
+
+
+def _small_tile(m: int, n: int, dtype: torch.dtype) -> tuple[int, int] | None:
+    """(BM, BN) of the fused kernel for X of (m, n), m <= n, in ``dtype``; None when it is too large."""
+    bm, bn = max(16, triton.next_power_of_2(m)), max(16, triton.next_power_of_2(n))
+    max_m, max_elems = SMALL_LIMITS[dtype.itemsize]
+    return (bm, bn) if bm <= max_m and bm * bn <= max_elems else None
+
+
 def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """NS of (..., M, N) ``G``: contiguous, shape of G, in ``dtype``. float64 and zero steps (no matmul to
     fuse into) take the torch path."""
@@ -218,6 +257,13 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
 
     def strides(t):  # (batch, row, col) strides of X = t (or tᵀ when tall)
         return (t.stride(0), t.stride(2), t.stride(1)) if tall else t.stride()
+
+    tile = _small_tile(m, n, dtype)
+    if tile is not None:
+        coef = torch.tensor([x for t in triples for x in t], dtype=torch.float32, device=G.device)
+        _small_kernel[(b,)](G3, out3, coef, len(triples), m, n, *strides(G3), *strides(out3), mult, eps,
+                            PREC=_PREC[dtype], BM=tile[0], BN=tile[1], num_warps=4 if tile[0] * tile[1] <= 4096 else 8)
+        return out
 
     P = num_partials(M)
     part = torch.empty((b, P), dtype=torch.float32, device=G.device)
