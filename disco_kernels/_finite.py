@@ -13,5 +13,6 @@ def finite_mask(grads: list[torch.Tensor]) -> torch.Tensor:
     on CPU, where that norm is a slow per-tensor loop, min and max of each grad in one pass
     (torch.aminmax: nan propagates, ±inf shows). Neither overflows on finite values."""
     if grads[0].device.type == "cpu":
-        return torch.stack([torch.stack(torch.aminmax(g.reshape(-1))).isfinite().all() for g in grads])
+        extremes = torch.stack([v for g in grads for v in torch.aminmax(g.reshape(-1))])  # promotes, never narrows
+        return extremes.isfinite().view(-1, 2).all(1)
     return torch.stack([m.isfinite() for m in torch._foreach_norm(grads, ord=math.inf)])

@@ -431,3 +431,11 @@ def test_finite_check_has_no_overflow(dtype):
     p = torch.nn.Parameter(torch.zeros(5, 7, dtype=dtype))
     p.grad = grads[0].clone()
     dk.Scion([p], norm="Sign", lr=0.0).step()  # raises if the check overflowed
+
+
+def test_finite_check_mixed_dtypes():
+    """One check over grads of several dtypes: values are promoted, never narrowed (1e300 stays finite)."""
+    from disco_kernels._finite import finite_mask
+    grads = [torch.full((3,), 6e4, dtype=torch.float16), torch.full((2, 2), 1e300, dtype=torch.float64),
+             torch.tensor([1.0, math.nan], dtype=torch.bfloat16), torch.tensor(-math.inf)]
+    assert finite_mask(grads).tolist() == [True, True, False, False]
