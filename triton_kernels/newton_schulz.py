@@ -28,6 +28,17 @@ from ._config import MAX_GRID_Y, autotune, interpreted, num_partials
 
 _PREC = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}  # (tf32 is ignored for 16-bit)
 DTYPES = tuple(_PREC)
+# The interpreter's bf16 tl.dot is wrong; there bf16 tiles are multiplied in fp32, which is exact for their
+# products and accumulates in fp32 like the tensor cores (a compile-time branch: GPU code is unchanged).
+_BF16_DOT_IN_FP32 = tl.constexpr(interpreted())
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """a @ b (+ acc) with fp32 accumulation."""
+    if _BF16_DOT_IN_FP32 and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -112,7 +123,7 @@ def _gram_kernel(x_ptr, a_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, P, mult, eps,
                      SCALED)
         xj = _load_x(x + rj64[None, :] * sx_m + kk64[:, None] * sx_n, (rj[None, :] < m) & (kk[:, None] < n), s, DT,
                      SCALED)
-        acc = tl.dot(xi, xj, acc, input_precision=PREC)
+        acc = _dot(xi, xj, acc, PREC)
     _store_sym(a_ptr + bid * m * m, acc.to(DT), ri, rj, m, i, j)
 
 
@@ -131,7 +142,7 @@ def _square_kernel(a_ptr, b_ptr, m, coef_b, coef_c, PREC: tl.constexpr, BLOCK: t
         kk64 = kk.to(tl.int64)
         ai = tl.load(a + ri64[:, None] * m + kk[None, :], mask=(ri[:, None] < m) & (kk[None, :] < m), other=0.0)
         aj = tl.load(a + kk64[:, None] * m + rj[None, :], mask=(kk[:, None] < m) & (rj[None, :] < m), other=0.0)
-        acc = tl.dot(ai, aj, acc, input_precision=PREC)
+        acc = _dot(ai, aj, acc, PREC)
     aij = tl.load(a + ri64[:, None] * m + rj[None, :], mask=(ri[:, None] < m) & (rj[None, :] < m), other=0.0)
     out = coef_b * aij.to(tl.float32) + coef_c * acc
     _store_sym(b_ptr + bid * m * m, out.to(b_ptr.dtype.element_ty), ri, rj, m, i, j)
@@ -167,7 +178,7 @@ def _update_kernel(x_ptr, bm_ptr, out_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, so_
         bt = tl.load(bm + rm64[:, None] * m + kk[None, :], mask=(rm[:, None] < m) & (kk[None, :] < m), other=0.0)
         xt = _load_x(x + kk.to(tl.int64)[:, None] * sx_m + rn64[None, :] * sx_n, (kk[:, None] < m) & (rn[None, :] < n),
                      s, DT, SCALED)
-        acc = tl.dot(bt, xt, acc, input_precision=PREC)
+        acc = _dot(bt, xt, acc, PREC)
     mask = (rm[:, None] < m) & (rn[None, :] < n)
     xij = _load_x(x + rm64[:, None] * sx_m + rn64[None, :] * sx_n, mask, s, DT, SCALED)
     out = coef_a * xij.to(tl.float32) + acc
@@ -191,9 +202,9 @@ def _small_kernel(g_ptr, out_ptr, coef_ptr, steps, m, n, sg_b, sg_m, sg_n, so_b,
         a = tl.load(coef_ptr + 3 * k)
         b = tl.load(coef_ptr + 3 * k + 1)
         c = tl.load(coef_ptr + 3 * k + 2)
-        A = tl.dot(x, tl.trans(x), input_precision=PREC).to(DT)
-        B = (b * A.to(tl.float32) + c * tl.dot(A, A, input_precision=PREC)).to(DT)
-        x = (a * x.to(tl.float32) + tl.dot(B, x, input_precision=PREC)).to(DT)
+        A = _dot(x, tl.trans(x), None, PREC).to(DT)
+        B = (b * A.to(tl.float32) + c * _dot(A, A, None, PREC)).to(DT)
+        x = (a * x.to(tl.float32) + _dot(B, x, None, PREC)).to(DT)
     tl.store(out_ptr + bid * so_b + rm[:, None] * so_m + rn[None, :] * so_n, x, mask=mask)
 
 
