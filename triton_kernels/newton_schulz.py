@@ -20,6 +20,8 @@ load of G to the store of the result, every step in between (grid: the batch).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -246,6 +248,12 @@ def _small_tile(m: int, n: int, dtype: torch.dtype) -> tuple[int, int] | None:
     return (bm, bn) if bm <= max_m and bm * bn <= max_elems else None
 
 
+@functools.lru_cache(maxsize=32)
+def _coefficients(flat: tuple, device: torch.device) -> torch.Tensor:
+    """The schedule on ``device``, cached: no host-to-device copy after the first step (CUDA-graph safe)."""
+    return torch.tensor(flat, dtype=torch.float32).to(device)
+
+
 def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """NS of (..., M, N) ``G``: contiguous, shape of G, in ``dtype``. float64 and zero steps (no matmul to
     fuse into) take the torch path."""
@@ -271,7 +279,7 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
 
     tile = _small_tile(m, n, dtype)
     if tile is not None:
-        coef = torch.tensor([x for t in triples for x in t], dtype=torch.float32, device=G.device)
+        coef = _coefficients(tuple(x for t in triples for x in t), G.device)
         _small_kernel[(b,)](G3, out3, coef, len(triples), m, n, *strides(G3), *strides(out3), mult, eps,
                             PREC=_PREC[dtype], BM=tile[0], BN=tile[1], num_warps=4 if tile[0] * tile[1] <= 4096 else 8)
         return out
