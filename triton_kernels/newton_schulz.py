@@ -265,11 +265,6 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
         return out
     G3 = G.reshape(-1, *G.shape[-2:])
     b, M, N = G3.shape
-    if b > MAX_GRID_Y:  # the batch is grid axis 1
-        out3 = out.view(b, M, N)
-        for s in range(0, b, MAX_GRID_Y):
-            out3[s:s + MAX_GRID_Y] = newton_schulz(G3[s:s + MAX_GRID_Y], triples, mult, eps, dtype)
-        return out
     tall = M > N
     m, n = (N, M) if tall else (M, N)
     out3 = out.view(b, M, N)
@@ -282,6 +277,10 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
         coef = _coefficients(tuple(x for t in triples for x in t), G.device)
         _small_kernel[(b,)](G3, out3, coef, len(triples), m, n, *strides(G3), *strides(out3), mult, eps,
                             PREC=_PREC[dtype], BM=tile[0], BN=tile[1], num_warps=4 if tile[0] * tile[1] <= 4096 else 8)
+        return out
+    if b > MAX_GRID_Y:  # the tiled kernels' batch is grid axis 1
+        for s in range(0, b, MAX_GRID_Y):
+            out3[s:s + MAX_GRID_Y] = newton_schulz(G3[s:s + MAX_GRID_Y], triples, mult, eps, dtype)
         return out
 
     P = num_partials(M)
