@@ -57,7 +57,9 @@ def train(model, opt, args, vocab: int, device) -> None:
     state = checkpoint_state(model, opt)
     if args.load:
         sd = state()
-        dcp.load(sd, checkpoint_id=args.load)
+        # partial: a fresh optimizer has a momentum buffer for every param, a checkpoint none for a param
+        # that never had a gradient
+        dcp.load(sd, checkpoint_id=args.load, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         state(sd)
     for step in range(args.steps):
         inputs, targets = batch(step, args, vocab, device)
