@@ -64,11 +64,14 @@ def _sumsq_kernel(g_ptr, part_ptr, rows, cols, s_b, s_r, s_c, rows_per_part, P,
 
 
 @triton.jit
-def _inv_norm(part_ptr, bid, P, mult, eps, PB: tl.constexpr):
-    """1 / (mult * ||G_b||_F + eps) from the P partial sums of squares of matrix b."""
-    p = tl.arange(0, PB)
-    ss = tl.sum(tl.load(part_ptr + bid * P + p, mask=p < P, other=0.0), 0)
-    return 1.0 / (mult * tl.sqrt(ss) + eps)
+def _x0_scale(part_ptr, bid, P, mult, eps, SCALED: tl.constexpr, PB: tl.constexpr):
+    """The factor tiles of X are multiplied by as they load: on the first step (SCALED, X = G)
+    1 / (mult * ||G_b||_F + eps) from the P partial sums of squares of matrix b, else 1."""
+    if SCALED:
+        p = tl.arange(0, PB)
+        ss = tl.sum(tl.load(part_ptr + bid * P + p, mask=p < P, other=0.0), 0)
+        return 1.0 / (mult * tl.sqrt(ss) + eps)
+    return 1.0
 
 
 @triton.jit
@@ -109,9 +112,7 @@ def _gram_kernel(x_ptr, a_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, P, mult, eps,
     i, j = _upper_tile(tl.program_id(0), tl.cdiv(m, BLOCK))
     bid = tl.program_id(1).to(tl.int64)
     DT = a_ptr.dtype.element_ty
-    s = 1.0
-    if SCALED:
-        s = _inv_norm(part_ptr, bid, P, mult, eps, PB)
+    s = _x0_scale(part_ptr, bid, P, mult, eps, SCALED, PB)
     x = x_ptr + bid * sx_b
     ri = i * BLOCK + tl.arange(0, BLOCK)
     rj = j * BLOCK + tl.arange(0, BLOCK)
@@ -165,9 +166,7 @@ def _update_kernel(x_ptr, bm_ptr, out_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, so_
     group_m = tl.minimum(tiles_m - first_m, GROUP)
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
-    s = 1.0
-    if SCALED:
-        s = _inv_norm(part_ptr, bid, P, mult, eps, PB)
+    s = _x0_scale(part_ptr, bid, P, mult, eps, SCALED, PB)
     x = x_ptr + bid * sx_b
     bm = bm_ptr + bid * m * m
     rm = pid_m * BM + tl.arange(0, BM)
