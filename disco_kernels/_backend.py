@@ -63,10 +63,21 @@ def unavailable_reason(backend: str, device: torch.device, op: str, kernels: tup
     return None if backend in kernels else f"{op} has no {backend} kernel"
 
 
-def resolve(backend: str, device: torch.device, op: str, kernels: tuple[str, ...]) -> str:
+def resolve(backend: str, device: torch.device, op: str, kernels: tuple[str, ...], cuda_unsupported=None,
+            subject: str = "") -> str:
     """Pick the backend that runs ``op``: forced ones must be available; "auto" takes
-    the CUDA kernel, then Triton, then torch, on CUDA tensors, and torch elsewhere."""
+    the CUDA kernel, then Triton, then torch, on CUDA tensors, and torch elsewhere.
+    ``cuda_unsupported()``, when given, says why the CUDA kernel cannot take this input
+    (None when it can): "auto" then passes it over, a forced "cuda" raises ValueError
+    naming ``subject`` (e.g. "G of shape (4, 5)")."""
     check_backend(backend)
+    if (cuda_unsupported is not None and backend in ("auto", "cuda") and device.type == "cuda"
+            and cuda_extension() is not None):
+        why = cuda_unsupported()
+        if why is not None and backend == "cuda":
+            raise ValueError(f"backend='cuda' cannot run {op}{' on ' + subject if subject else ''}: {why}")
+        if why is not None:
+            kernels = tuple(k for k in kernels if k != "cuda")
     if backend == "auto":
         if device.type == "cuda":
             for cand in ("cuda", "triton"):

@@ -165,7 +165,7 @@ class _AxisNorm(Norm):
 
     def lmo(self, g, *, backend="auto"):
         self.check(g.shape)
-        return type(self).reference_lmo(g, self.normalized, self.transpose)
+        return self.reference_lmo(g, self.normalized, self.transpose)
 
     def init(self, w):
         """Gaussian, then each column (ColNorm) or row (RowNorm) of the (transposed) weight scaled to

@@ -31,14 +31,8 @@ def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: li
                          f"{None if bufs is None else len(bufs)}")
     if not params:
         return
-    kernels = KERNELS
-    if backend in ("auto", "cuda") and params[0].device.type == "cuda" and _backend.cuda_extension() is not None:
-        why = cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light)
-        if why is not None and backend == "cuda":
-            raise ValueError(f"backend='cuda' cannot run fused_update: {why}")
-        if why is not None:
-            kernels = tuple(k for k in KERNELS if k != "cuda")
-    impl = _backend.resolve(backend, params[0].device, "fused_update", kernels)
+    impl = _backend.resolve(backend, params[0].device, "fused_update", KERNELS,
+                            lambda: cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light))
     torch.ops.disco_kernels.fused_update(params, grads, [] if bufs is None else bufs, lmo, float(lr), float(momentum),
                                          float(scale), bool(unconstrained), bool(normalized), bool(transpose),
                                          bool(light), impl)

@@ -34,14 +34,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", *, dty
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     triples, mult, eps = ns_schedule(coefficients, steps)
-    kernels = KERNELS
-    if backend in ("auto", "cuda") and G.device.type == "cuda" and _backend.cuda_extension() is not None:
-        why = cuda_unsupported(G, dtype, len(triples))
-        if why is not None and backend == "cuda":
-            raise ValueError(f"backend='cuda' cannot run newton_schulz on G of shape {tuple(G.shape)}: {why}")
-        if why is not None:
-            kernels = tuple(k for k in KERNELS if k != "cuda")
-    impl = _backend.resolve(backend, G.device, "newton_schulz", kernels)
+    impl = _backend.resolve(backend, G.device, "newton_schulz", KERNELS,
+                            lambda: cuda_unsupported(G, dtype, len(triples)), f"G of shape {tuple(G.shape)}")
     flat = [x for t in triples for x in t]
     return torch.ops.disco_kernels.newton_schulz(G, flat, mult, eps, dtype, impl)
 

@@ -33,14 +33,8 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     elif v.shape != W.shape[:-2] + W.shape[-1:]:
         raise ValueError(f"v must have shape {tuple(W.shape[:-2] + W.shape[-1:])} for W of shape {tuple(W.shape)}, got {tuple(v.shape)}")
     v = v.to(device=W.device, dtype=acc).contiguous()
-    kernels = KERNELS
-    if backend in ("auto", "cuda") and W.device.type == "cuda" and _backend.cuda_extension() is not None:
-        why = cuda_unsupported(W)
-        if why is not None and backend == "cuda":
-            raise ValueError(f"backend='cuda' cannot run power_iteration on W of shape {tuple(W.shape)}: {why}")
-        if why is not None:
-            kernels = tuple(k for k in KERNELS if k != "cuda")
-    impl = _backend.resolve(backend, W.device, "power_iteration", kernels)
+    impl = _backend.resolve(backend, W.device, "power_iteration", KERNELS, lambda: cuda_unsupported(W),
+                            f"W of shape {tuple(W.shape)}")
     return torch.ops.disco_kernels.power_iteration(W, v, iters, impl)
 
 
