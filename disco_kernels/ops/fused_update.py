@@ -115,12 +115,10 @@ def _cuda(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normaliz
         gs.append(contiguous(grads[i], light and momentum != 1).data_ptr())
         bs.append(contiguous(bufs[i], True).data_ptr() if has_buf else 0)
         shapes.append(list(p.shape))
-    device = params[0].device
-    with torch.cuda.device(device):
-        for dtype, (ps, gs, bs, shapes) in by_dtype.items():
-            ext.fused_update(ext.DTYPES[str(dtype).removeprefix("torch.")], ext.LMOS[lmo], normalized, transpose,
-                             unconstrained, light, has_buf, lr, momentum, scale, ps, gs, bs, shapes,
-                             torch.cuda.current_stream(device).cuda_stream)
+    stream = torch.cuda.current_stream(params[0].device).cuda_stream
+    for dtype, (ps, gs, bs, shapes) in by_dtype.items():
+        ext.fused_update(ext.DTYPES[str(dtype).removeprefix("torch.")], ext.LMOS[lmo], normalized, transpose,
+                         unconstrained, light, has_buf, lr, momentum, scale, ps, gs, bs, shapes, stream)
     for t, c, mutated in copies:
         if mutated:
             t.copy_(c)
@@ -138,7 +136,9 @@ _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 def _fused_update_op(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lmo: str,
                      lr: float, momentum: float, scale: float, unconstrained: bool, normalized: bool,
                      transpose: bool, light: bool, backend: str) -> None:
-    _IMPLS[backend](params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
+    if params:
+        with _backend.on_device(params[0].device):
+            _IMPLS[backend](params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
 
 
 @_fused_update_op.register_fake

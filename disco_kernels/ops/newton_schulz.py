@@ -88,10 +88,9 @@ def _cuda(G, triples, mult, eps, dtype):
     X = G.reshape(-1, m, n).contiguous()
     out = torch.empty(X.shape, dtype=dtype, device=G.device)
     codes = ext.DTYPES
-    with torch.cuda.device(G.device):
-        ext.newton_schulz_small(codes[str(X.dtype).removeprefix("torch.")], codes[str(dtype).removeprefix("torch.")],
-                                X.data_ptr(), out.data_ptr(), X.size(0), m, n, [x for t in triples for x in t], mult,
-                                eps, torch.cuda.current_stream(G.device).cuda_stream)
+    ext.newton_schulz_small(codes[str(X.dtype).removeprefix("torch.")], codes[str(dtype).removeprefix("torch.")],
+                            X.data_ptr(), out.data_ptr(), X.size(0), m, n, [x for t in triples for x in t], mult, eps,
+                            torch.cuda.current_stream(G.device).cuda_stream)
     return out.reshape(G.shape)
 
 
@@ -107,7 +106,8 @@ _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 def _newton_schulz_op(G: torch.Tensor, coefficients: list[float], norm_mult: float, norm_eps: float,
                       dtype: torch.dtype, backend: str) -> torch.Tensor:
     triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
-    return _IMPLS[backend](G, triples, norm_mult, norm_eps, dtype)
+    with _backend.on_device(G.device):
+        return _IMPLS[backend](G, triples, norm_mult, norm_eps, dtype)
 
 
 @_newton_schulz_op.register_fake

@@ -63,10 +63,9 @@ def _cuda(W, v, iters):
     v_in = v.reshape(b, n)
     v_out, sigma = torch.empty_like(v_in), v.new_empty(b)
     ws = v.new_empty(ext.power_iteration_workspace(b, m, n))
-    with torch.cuda.device(W.device):
-        ext.power_iteration(ext.DTYPES[str(W.dtype).removeprefix("torch.")], W3.data_ptr(), b, m, n, v_in.data_ptr(),
-                            v_out.data_ptr(), sigma.data_ptr(), ws.data_ptr(), iters,
-                            torch.cuda.current_stream(W.device).cuda_stream)
+    ext.power_iteration(ext.DTYPES[str(W.dtype).removeprefix("torch.")], W3.data_ptr(), b, m, n, v_in.data_ptr(),
+                        v_out.data_ptr(), sigma.data_ptr(), ws.data_ptr(), iters,
+                        torch.cuda.current_stream(W.device).cuda_stream)
     return sigma.reshape(W.shape[:-2]), v_out.reshape(v.shape)
 
 
@@ -80,7 +79,8 @@ _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 
 @torch.library.custom_op("disco_kernels::power_iteration", mutates_args=())
 def _power_iteration_op(W: torch.Tensor, v: torch.Tensor, iters: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _IMPLS[backend](W, v, iters)
+    with _backend.on_device(W.device):
+        return _IMPLS[backend](W, v, iters)
 
 
 @_power_iteration_op.register_fake
