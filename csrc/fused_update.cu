@@ -28,7 +28,10 @@ std::string shape_str(const std::vector<int64_t>& s) {  // as Python prints a tu
 // The reference LMOs (disco_kernels/reference.py) as line reductions.
 Plan plan_for(int lmo, bool normalized, bool transpose, const std::vector<int64_t>& shape) {
   int64_t numel = 1;
-  for (int64_t d : shape) numel *= d;
+  for (int64_t d : shape) {
+    if (d < 0) throw std::invalid_argument("fused_update: negative size in shape " + shape_str(shape));
+    numel *= d;
+  }
   const int dims = int(shape.size());
   const char* names[] = {"Sign", "RowNorm", "ColNorm", "BiasRMS"};
   if (lmo < kSign || lmo > kBiasRMS) throw std::invalid_argument("fused_update: unknown lmo code " + std::to_string(lmo));

@@ -59,7 +59,10 @@ void newton_schulz_small_cuda(int in_dtype, int out_dtype, std::uintptr_t G, std
   if (coefficients.size() % 3 || coefficients.size() > 3 * size_t(ns::kMaxSteps))
     throw std::invalid_argument("newton_schulz_small: coefficients must be at most " +
                                 std::to_string(ns::kMaxSteps) + " (a, b, c) triples");
-  if (batch <= 0 || m <= 0 || n <= 0) return;
+  if (batch < 0 || m < 0 || n < 0)
+    throw std::invalid_argument("newton_schulz_small: sizes must be non-negative, got (" + std::to_string(batch) +
+                                ", " + std::to_string(m) + ", " + std::to_string(n) + ")");
+  if (batch == 0 || m == 0 || n == 0) return;
   if (newton_schulz_small_smem(m, n) > (1 << 20))
     throw std::invalid_argument("newton_schulz_small: max(m, n) = " + std::to_string(std::max(m, n)) +
                                 " does not fit in shared memory");

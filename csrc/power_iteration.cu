@@ -79,7 +79,10 @@ void power_iteration_cuda(int dtype, std::uintptr_t W, int64_t batch, int64_t m,
   if (n > kPowerIterationMaxN)
     throw std::invalid_argument("power_iteration: the CUDA kernel takes n <= " + std::to_string(kPowerIterationMaxN) +
                                 ", got n = " + std::to_string(n));
-  if (batch <= 0 || iters <= 0) return;
+  if (batch < 0 || m < 0 || n < 0)
+    throw std::invalid_argument("power_iteration: sizes must be non-negative, got (" + std::to_string(batch) + ", " +
+                                std::to_string(m) + ", " + std::to_string(n) + ")");
+  if (batch == 0 || iters <= 0) return;
   if (batch > 0x7fffffff) throw std::invalid_argument("power_iteration: batch too large for one grid");
   const auto vi = reinterpret_cast<const float*>(v_in);
   const auto vo = reinterpret_cast<float*>(v_out);

@@ -159,6 +159,17 @@ def test_binding_argument_checks(ext):
         ext.fused_update(1, 9, True, False, False, False, False, 0.1, 1.0, 1.0, [0], [0], [0], [[4]], 0)
 
 
+def test_negative_sizes_are_value_errors(ext):
+    """A negative size reaching a kernel would index before its buffers (pass_kernel writes out[n])."""
+    for m, n in ((-1, 8), (8, -1)):
+        with pytest.raises(ValueError, match="power_iteration: sizes must be non-negative"):
+            ext.power_iteration(1, 0, 1, m, n, 0, 0, 0, 0, 1, 0)
+        with pytest.raises(ValueError, match="newton_schulz_small: sizes must be non-negative"):
+            ext.newton_schulz_small(1, 1, 0, 0, 1, m, n, [1.0, 0.0, 0.0], 1.0, 1e-7, 0)
+    with pytest.raises(ValueError, match=r"negative size in shape \(-2, -3\)"):
+        ext.fused_update(1, 1, True, False, False, False, False, 0.1, 1.0, 1.0, [0], [0], [0], [[-2, -3]], 0)
+
+
 def test_op_dispatch_on_cpu(ext):
     G = torch.randn(8, 8)
     with pytest.raises(RuntimeError, match="CUDA kernels need a CUDA tensor"):

@@ -154,11 +154,34 @@ def test_fused_update_auto_picks_cuda_and_matches_torch():
         dk.ops.fused_update([p.float()], [g], None, lmo="Sign", lr=0.1, backend="cuda")
 
 
-def test_fused_update_nonfinite_stays_in_its_row():
-    p, g, buf = make_case((4, 64), torch.float32, "RowNorm", True, False, 0.1, 1.0)
-    g[1, 3] = float("nan")
-    dk.ops.fused_update([p], [g], None, lmo="RowNorm", lr=0.1, backend="cuda")
-    assert p[1].isnan().all() and p[[0, 2, 3]].isfinite().all()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lmo,transpose,line", [("RowNorm", False, "row"), ("ColNorm", True, "row"),
+                                                ("ColNorm", False, "col"), ("RowNorm", True, "col"),
+                                                ("BiasRMS", False, "col")])
+def test_fused_update_nonfinite_stays_in_its_line(dtype, lmo, transpose, line):
+    """NaN in g poisons its own line (row-mode warp or column-mode strip) and nothing else; inf
+    gives NaN at its own entry and a zero update on the rest of its line, as the reference."""
+    for bad in (float("nan"), float("inf")):
+        p, g, _ = make_case((40, 64), dtype, lmo, True, transpose, 0.1, 1.0)
+        g[1, 3] = bad
+        p0, g0 = p.clone(), g.clone()
+        dk.ops.fused_update([p], [g], None, lmo=lmo, lr=0.1, transpose=transpose, backend="cuda")
+        want = ref.scion_update(p0.double(), g0.double(), None, fu_mod.lmo_fn(lmo, True, transpose), 0.1, 1.0, 1.0,
+                                False)[0]
+        assert torch.equal(p.isnan(), want.isnan().cuda())
+        assert want.isnan()[1, 3] and (want.isnan().sum() == (1 if bad > 0 else 64 if line == "row" else 40))
+        ok = want.isfinite().cuda()
+        assert rel_err(p[ok], want.cuda()[ok]) < reduction_tol(dtype, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lmo", ["Sign", "RowNorm", "ColNorm", "BiasRMS"])
+def test_fused_update_zero_grad_only_decays(dtype, lmo):
+    """g = 0: every LMO gives 0 (step = coef / 1e-8 times d = 0), so p' = (1 - lr) p exactly once rounded."""
+    p = torch.randn(33, 72, device="cuda").to(dtype)
+    want = (p.float() * 0.9).to(dtype)
+    dk.ops.fused_update([p], [torch.zeros_like(p)], None, lmo=lmo, lr=0.1, backend="cuda")
+    assert rel_err(p, want) <= unit(dtype)
 
 
 def needs_free_gpu_memory(gib):

@@ -1,5 +1,7 @@
 """Ops through their public functions and custom ops: torch backend vs the fp64 reference,
 dispatch errors, and torch.compile(fullgraph=True) over the custom ops."""
+import importlib
+
 import pytest
 import torch
 
@@ -118,6 +120,22 @@ def test_fused_update_torch_vs_reference(lmo, momentum, light):
         torch.testing.assert_close(g, eg)
         if momentum != 1 and not light:
             torch.testing.assert_close(b, eb)
+
+
+@pytest.mark.parametrize("lmo", ["RowNorm", "ColNorm", "BiasRMS"])
+@pytest.mark.parametrize("backend", dk.available_backends("cpu"))
+def test_fused_update_fp16_zero_and_large_lines(lmo, backend):
+    """fp16 g with a zero line and entries past sqrt(fp16 max): line norms in fp32 (as the kernels take
+    them) keep the update finite where fp16 math gives 0 / 0 (1e-8 rounds to 0) or g² = inf."""
+    fu = importlib.import_module("disco_kernels.ops.fused_update")
+    p = torch.randn(9, 16).half()
+    g = torch.randn(9, 16).half()
+    g[:, 2] = g[4] = 0  # a zero column and a zero row
+    g[1, 5] = 300.0
+    want = ref.scion_update(p.double(), g.double(), None, fu.lmo_fn(lmo, True, False), 0.1, 1.0, 1.0, False)[0]
+    dk.ops.fused_update([p], [g], None, lmo=lmo, lr=0.1, backend=backend)
+    assert p.isfinite().all()
+    assert rel_err(p, want) < elementwise_tol(torch.float16, 2)
 
 
 def test_fused_update_errors():

@@ -39,14 +39,18 @@ def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: li
 
 
 def lmo_fn(lmo: str, normalized: bool, transpose: bool):
-    """The reference LMO ``lmo`` with its flags bound: g -> direction."""
+    """The reference LMO ``lmo`` with its flags bound: g -> direction in g's dtype. The line norms are
+    taken in fp32 for 16-bit g, as the kernels do: in fp16 the 1e-8 rounds to 0 (a zero line would
+    give 0 / 0) and BiasRMS's g² overflows from |g| = 256."""
     if lmo == "Sign":
         return lambda g: reference.lmo_sign(g, normalized)
     if lmo == "RowNorm":
-        return lambda g: reference.lmo_rownorm(g, normalized, transpose)
-    if lmo == "ColNorm":
-        return lambda g: reference.lmo_colnorm(g, normalized, transpose)
-    return reference.lmo_bias_rms
+        fn = lambda g: reference.lmo_rownorm(g, normalized, transpose)  # noqa: E731
+    elif lmo == "ColNorm":
+        fn = lambda g: reference.lmo_colnorm(g, normalized, transpose)  # noqa: E731
+    else:
+        fn = reference.lmo_bias_rms
+    return lambda g: fn(g.to(torch.promote_types(g.dtype, torch.float32))).to(g.dtype)
 
 
 def momentum_(bufs, grads, momentum):
