@@ -8,13 +8,16 @@ Newton-Schulz). The math of each LMO is in ``reference.py``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 
 import torch
 
-from . import reference
+from . import _backend, reference
 from .ops import newton_schulz
+from .ops.fused_update import KERNELS as FUSED_KERNELS, cuda_unsupported as fused_unsupported
+from .ops.newton_schulz import KERNELS as NS_KERNELS, cuda_unsupported as ns_unsupported
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -58,6 +61,14 @@ class Norm:
         """Keyword flags of ``ops.fused_update`` for this norm."""
         return {}
 
+    def check_backend(self, backend: str, shape, p: torch.Tensor, g: torch.Tensor, name: str = "g") -> None:
+        """Raise the error that a forced ``backend`` would raise on a param of full ``shape``, local
+        tensor ``p`` and gradient ``g``, so that a step can fail before it modifies anything."""
+        flags = {"normalized": True, "transpose": False, **self.flags()}
+        _backend.resolve(backend, p.device, "fused_update", FUSED_KERNELS,
+                         lambda: fused_unsupported([p], [g], None, self.fused, flags["transpose"], flags["normalized"],
+                                                   False), name)
+
 
 def _orthogonal_like(w: torch.Tensor) -> torch.Tensor:
     """A float64 orthogonal matrix of w's shape (same RNG use as the reference)."""
@@ -83,6 +94,12 @@ class _NewtonSchulzNorm(Norm):
 
     def scale_for(self, shape) -> float:
         raise NotImplementedError
+
+    def check_backend(self, backend, shape, p, g, name="g"):
+        """As ``Norm.check_backend``, for ``newton_schulz`` on the whole matrix."""
+        G = g.new_empty(()).expand(shape[0], math.prod(shape[1:]))  # the matrix's shape, dtype and device
+        _backend.resolve(backend, G.device, "newton_schulz", NS_KERNELS,
+                         lambda: ns_unsupported(G, self.dtype, self.steps), name)
 
     def _ns(self, g, backend):
         return newton_schulz(g, self.steps, self.coefficients, dtype=self.dtype, backend=backend)
@@ -144,9 +161,7 @@ class SpectralConv(_NewtonSchulzNorm):
     def init(self, w):
         self.check(w.shape, "w")
         w64 = w.detach().double()
-        k = w.size(2)
-        positions = [(i,) for i in range(k)] if w.dim() == 3 else [(i, j) for i in range(k) for j in range(k)]
-        for pos in positions:
+        for pos in itertools.product(*map(range, w.shape[2:])):  # every tap, also of a (k1, k2) kernel
             torch.nn.init.orthogonal_(w64[(slice(None), slice(None), *pos)])
         return _set(w, w64 * self.scale_for(w.shape))
 

@@ -115,8 +115,9 @@ class Scion(torch.optim.Optimizer):
             merged["norm_kwargs"] = {}
         norm = _check_hyper(merged)
         params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if params and isinstance(params[0], tuple):  # named parameters
+        if not isinstance(params, set):  # torch rejects a set; a generator can be read only once
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if params and isinstance(next(iter(params)), tuple):  # named parameters
             names = [n for n, _ in params]
         else:
             names = param_group.get("param_names")
@@ -125,7 +126,7 @@ class Scion(torch.optim.Optimizer):
             if isinstance(p, torch.Tensor):
                 where = repr(names[i]) if names else f"params[{i}]"
                 norm.check(p.shape, f"{where} (shape {tuple(p.shape)})")
-        super().add_param_group({**param_group, "norm_kwargs": merged["norm_kwargs"]})
+        super().add_param_group({**param_group, "params": params, "norm_kwargs": merged["norm_kwargs"]})
 
     # -- step -----------------------------------------------------------------
 
@@ -134,7 +135,8 @@ class Scion(torch.optim.Optimizer):
         parts = []
         for gi, group in enumerate(self.param_groups):
             norm = _check_hyper(group)
-            by_norm: dict[int, _Part] = {}
+            by_norm: dict[tuple[int, int], _Part] = {}
+            seen: dict[int, int] = defaultdict(int)  # a param listed k times steps k times, as in the reference
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -143,7 +145,10 @@ class Scion(torch.optim.Optimizer):
                     raise ValueError(f"Scion does not support sparse gradients: {_param_name(group, i, p, gi)}")
                 concrete = norm.resolve(p.shape)
                 concrete.check(p.shape, _param_name(group, i, p, gi))
-                part = by_norm.setdefault(id(concrete), _Part(group, concrete, [], []))
+                if self.backend != "auto" and not torch.compiler.is_compiling():  # (the ops check it when compiled)
+                    concrete.check_backend(self.backend, p.shape, *local([p, g]), _param_name(group, i, p, gi))
+                part = by_norm.setdefault((id(concrete), seen[id(p)]), _Part(group, concrete, [], []))
+                seen[id(p)] += 1
                 part.params.append(p)
                 part.grads.append(g)
             parts.extend(by_norm.values())
@@ -308,6 +313,10 @@ class ScionLight(Scion):
             for p in group["params"]:
                 if p.grad is not None:
                     self.state[p]["grad_state"] = p.grad
+                elif p in self.state:  # the momentum was dropped (p.grad = None): no stale one to resume from
+                    self.state[p].pop("grad_state", None)
+                    if not self.state[p]:
+                        del self.state[p]
 
     def _load_grads_from_state(self) -> None:
         for p, state in self.state.items():

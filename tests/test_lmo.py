@@ -144,3 +144,15 @@ def test_init_same_random_stream_as_reference():
 
 def test_norm_dict_names():
     assert set(dk.norm_dict) == {"Spectral", "SpectralConv", "ColNorm", "RowNorm", "Sign", "BiasRMS", "Auto"}
+
+
+@pytest.mark.parametrize("kernel", [(3, 1), (1, 3), (2, 5)])
+def test_spectral_conv_init_non_square_kernel(kernel):
+    """Every tap of a (k1, k2) kernel is orthogonal (times the reference's sqrt(c_out/c_in)/k1²); none is left
+    uninitialised or indexed out of range."""
+    c = torch.full((4, 2, *kernel), float("nan"))
+    L.SpectralConv().init(c)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            torch.testing.assert_close(torch.linalg.svdvals(c[:, :, i, j].double()),
+                                       torch.full((2,), math.sqrt(2) / kernel[0] ** 2, dtype=torch.float64))

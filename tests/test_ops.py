@@ -12,6 +12,7 @@ from tolerances import elementwise_tol, rel_err, unit
 
 SHAPES = [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 16, 16)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+BACKENDS = ["auto"] + dk.available_backends("cpu")  # + "triton" where it is interpreted
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -25,6 +26,19 @@ def test_newton_schulz_vs_fp64(shape, dtype, coefficients):
     out = dk.ops.newton_schulz(G.to(dtype), 5, coefficients, backend="torch")
     assert out.shape == G.shape and out.dtype == dtype and out.is_contiguous()
     ref_err = rel_err(ref.newton_schulz(G.to(dtype), 5, coefficients), exact)
+    assert rel_err(out, exact) <= 1.5 * ref_err + 64 * unit(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_newton_schulz_any_input_dtype(backend, in_dtype, dtype):
+    """G of any float dtype iterates in ``dtype`` (e.g. fp64 params under the default bf16 Spectral)."""
+    G = torch.randn(24, 40, dtype=torch.float64)
+    exact = ref.newton_schulz(G, 5)
+    out = dk.ops.newton_schulz(G.to(in_dtype), dtype=dtype, backend=backend)
+    assert out.dtype == dtype
+    ref_err = rel_err(ref.newton_schulz(G.to(in_dtype), 5, dtype=dtype), exact)
     assert rel_err(out, exact) <= 1.5 * ref_err + 64 * unit(dtype)
 
 
@@ -157,6 +171,24 @@ def test_compile_fullgraph():
     X, sigma, v = f(G, W)
     torch.testing.assert_close(X, 2 * dk.ops.newton_schulz(G, 3, "polar_express"))
     torch.testing.assert_close(sigma, dk.ops.power_iteration(W, iters=2)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_every_backend(backend):
+    """Backend choice runs inside the custom ops, so tracing never probes Triton or the extension
+    (importlib would break the graph); a forced backend traces as well as "auto"."""
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(G, p, g):
+        dk.ops.fused_update([p], [g], lmo="RowNorm", lr=0.1, backend=backend)
+        return dk.ops.newton_schulz(G, backend=backend), dk.ops.power_iteration(G, backend=backend)[0]
+
+    G, p, g = torch.randn(2, 24, 40), torch.randn(5, 6), torch.randn(5, 6)
+    p_eager = p.clone()
+    X, sigma = f(G, p, g)
+    dk.ops.fused_update([p_eager], [g], lmo="RowNorm", lr=0.1, backend=backend)
+    torch.testing.assert_close(X, dk.ops.newton_schulz(G, backend=backend))
+    torch.testing.assert_close(sigma, dk.ops.power_iteration(G, backend=backend)[0])
+    torch.testing.assert_close(p, p_eager)
 
 
 def test_compile_inductor():

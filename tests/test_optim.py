@@ -486,3 +486,71 @@ def test_gpu_cuda_graph_step_matches_eager():
     for a, b in zip(eager_params, graph_params):
         # the same kernels in the same order; column sums by atomics may round in another order
         assert rel_err(b.detach(), a.detach()) < 64 * unit(torch.float32)
+
+
+def test_unavailable_backend_fails_before_any_state():
+    """A forced backend that cannot run a param's kernel fails in validation: no momentum buffer is created
+    or updated, whichever norm comes first."""
+    a, b = torch.nn.Parameter(torch.randn(5, 5)), torch.nn.Parameter(torch.randn(4, 6))
+    a.grad, b.grad = torch.randn(5, 5), torch.randn(4, 6)
+    before = [a.detach().clone(), b.detach().clone()]
+    for groups in ([{"params": [a], "norm": "Spectral"}, {"params": [b], "norm": "Sign"}],
+                   [{"params": [b], "norm": "Sign"}, {"params": [a], "norm": "Spectral"}]):
+        opt = dk.Scion(groups, momentum=0.5, backend="cuda")  # CPU tensors: never runnable
+        with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+            opt.step()
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
+
+
+@pytest.mark.parametrize("cls", [dk.Scion, dk.ScionLight])
+def test_param_listed_twice_steps_twice_like_reference(cls):
+    """The reference loops over a group's list, so a param listed twice (torch warns) takes two steps in a row."""
+    p = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    g, gb = torch.randn(6, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    expected = []
+    for x, grad in ((p, g), (b, gb)):
+        e, buf, carried = x.detach().clone(), torch.zeros_like(grad), grad.clone()
+        for _ in range(2):
+            buf = buf * 0.5 + grad * 0.5
+            e = e * 0.9 - 0.1 * _lmo("Auto", buf if cls is dk.Scion else carried)
+            carried = carried * 0.5
+        expected.append(e)
+    p.grad, b.grad = g.clone(), gb.clone()
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = cls([p, b, p, b], lr=0.1, momentum=0.5, norm_kwargs={"dtype": "float64"})
+    opt.step()
+    for x, e in zip((p, b), expected):
+        assert rel_err(x.detach(), e) < 1e-12
+
+
+def test_light_state_dict_drops_momentum_of_zeroed_grad():
+    """After zero_grad() (p.grad = None) a ScionLight checkpoint carries no stale momentum: resuming from it
+    steps like the run that was not interrupted."""
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = dk.ScionLight([p], momentum=0.5)
+    p.grad = torch.randn(4, 6)
+    opt.step()
+    opt.state_dict()
+    opt.zero_grad()
+    saved = copy.deepcopy(opt.state_dict())
+    assert not saved["state"]
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = dk.ScionLight([q], momentum=0.5)
+    opt2.load_state_dict(saved)
+    assert q.grad is None
+
+
+def test_group_params_from_generators():
+    """Groups given as in the README, {"params": module.parameters()}: the generator is read once and every
+    param lands in the group (and steps)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = dk.Scion([{"params": model[0].parameters(), "norm": "Auto"},
+                    {"params": model[1].parameters(), "norm": "Auto"}], lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    named = dk.Scion([{"params": model.named_parameters()}])
+    assert named.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 4)).square().sum().backward()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -29,13 +29,12 @@ def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: li
     if len(grads) != len(params) or (bufs is not None and len(bufs) != len(params)):
         raise ValueError(f"params, grads and bufs must have equal lengths, got {len(params)}, {len(grads)}, "
                          f"{None if bufs is None else len(bufs)}")
+    _backend.check_backend(backend)
     if not params:
         return
-    impl = _backend.resolve(backend, params[0].device, "fused_update", KERNELS,
-                            lambda: cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light))
     torch.ops.disco_kernels.fused_update(params, grads, [] if bufs is None else bufs, lmo, float(lr), float(momentum),
                                          float(scale), bool(unconstrained), bool(normalized), bool(transpose),
-                                         bool(light), impl)
+                                         bool(light), backend)
 
 
 def lmo_fn(lmo: str, normalized: bool, transpose: bool):
@@ -140,9 +139,12 @@ _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 def _fused_update_op(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lmo: str,
                      lr: float, momentum: float, scale: float, unconstrained: bool, normalized: bool,
                      transpose: bool, light: bool, backend: str) -> None:
-    if params:
-        with _backend.on_device(params[0].device):
-            _IMPLS[backend](params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
+    if not params:
+        return
+    impl = _backend.resolve(backend, params[0].device, "fused_update", KERNELS,
+                            lambda: cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light))
+    with _backend.on_device(params[0].device):
+        _IMPLS[impl](params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
 
 
 @_fused_update_op.register_fake

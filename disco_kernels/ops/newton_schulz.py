@@ -34,10 +34,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", *, dty
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     triples, mult, eps = ns_schedule(coefficients, steps)
-    impl = _backend.resolve(backend, G.device, "newton_schulz", KERNELS,
-                            lambda: cuda_unsupported(G, dtype, len(triples)), f"G of shape {tuple(G.shape)}")
+    _backend.check_backend(backend)
     flat = [x for t in triples for x in t]
-    return torch.ops.disco_kernels.newton_schulz(G, flat, mult, eps, dtype, impl)
+    return torch.ops.disco_kernels.newton_schulz(G, flat, mult, eps, dtype, backend)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +49,7 @@ def _torch(G, triples, mult, eps, dtype):
     X = G.mT if tall else G
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
-    acc = accumulate_dtype(dtype)
+    acc = torch.promote_types(accumulate_dtype(dtype), X.dtype)  # fp64 G keeps its norm in fp64
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
     X = (X.to(acc) / (mult * norm + eps)).to(dtype)
     for a, b, c in triples:
@@ -106,8 +105,10 @@ _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 def _newton_schulz_op(G: torch.Tensor, coefficients: list[float], norm_mult: float, norm_eps: float,
                       dtype: torch.dtype, backend: str) -> torch.Tensor:
     triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
+    impl = _backend.resolve(backend, G.device, "newton_schulz", KERNELS,
+                            lambda: cuda_unsupported(G, dtype, len(triples)), f"G of shape {tuple(G.shape)}")
     with _backend.on_device(G.device):
-        return _IMPLS[backend](G, triples, norm_mult, norm_eps, dtype)
+        return _IMPLS[impl](G, triples, norm_mult, norm_eps, dtype)
 
 
 @_newton_schulz_op.register_fake

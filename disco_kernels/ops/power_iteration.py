@@ -33,9 +33,8 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     elif v.shape != W.shape[:-2] + W.shape[-1:]:
         raise ValueError(f"v must have shape {tuple(W.shape[:-2] + W.shape[-1:])} for W of shape {tuple(W.shape)}, got {tuple(v.shape)}")
     v = v.to(device=W.device, dtype=acc).contiguous()
-    impl = _backend.resolve(backend, W.device, "power_iteration", KERNELS, lambda: cuda_unsupported(W),
-                            f"W of shape {tuple(W.shape)}")
-    return torch.ops.disco_kernels.power_iteration(W, v, iters, impl)
+    _backend.check_backend(backend)
+    return torch.ops.disco_kernels.power_iteration(W, v, iters, backend)
 
 
 def _torch(W, v, iters):
@@ -79,8 +78,10 @@ _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 
 @torch.library.custom_op("disco_kernels::power_iteration", mutates_args=())
 def _power_iteration_op(W: torch.Tensor, v: torch.Tensor, iters: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _backend.resolve(backend, W.device, "power_iteration", KERNELS, lambda: cuda_unsupported(W),
+                            f"W of shape {tuple(W.shape)}")
     with _backend.on_device(W.device):
-        return _IMPLS[backend](W, v, iters)
+        return _IMPLS[impl](W, v, iters)
 
 
 @_power_iteration_op.register_fake
