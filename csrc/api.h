@@ -2,12 +2,18 @@
 // Free of CUDA headers: device pointers and streams travel as integers.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace dk {
 
 enum Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum Lmo : int { kSign = 0, kRowNorm = 1, kColNorm = 2, kBiasRMS = 3 };
+
+// "" when the linked CUDA runtime works with this machine's driver (and sees a GPU), else its error;
+// the runtime version this extension was built with (e.g. 13000).
+std::string runtime_status();
+int runtime_version();
 
 // Round fp32 values to `dtype` and back with the kernels' conversions (for tests).
 void round_host(int dtype, const float* x, float* out, int64_t count);

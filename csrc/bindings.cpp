@@ -39,6 +39,9 @@ PYBIND11_MODULE(_C, m) {
                               py::arg("float16") = int(dk::kFloat16));
   m.attr("LMOS") = py::dict(py::arg("Sign") = int(dk::kSign), py::arg("RowNorm") = int(dk::kRowNorm),
                             py::arg("ColNorm") = int(dk::kColNorm), py::arg("BiasRMS") = int(dk::kBiasRMS));
+  m.attr("cuda_runtime_version") = dk::runtime_version();
+  m.def("runtime_status", &dk::runtime_status,
+        "'' when the linked CUDA runtime works with the installed driver and sees a GPU, else its error.");
   m.attr("power_iteration_max_n") = dk::kPowerIterationMaxN;
   m.attr("newton_schulz_max_small") = dk::kNewtonSchulzMaxSmall;
   m.attr("newton_schulz_max_steps") = dk::kNewtonSchulzMaxSteps;

@@ -32,9 +32,9 @@ DK_HD float norm_step(float sumsq, float alpha, float coef) { return coef / (sqr
 // Weight update:  p' = decay * p - step * d,  decay = 1 - lr (1 when unconstrained).
 DK_HD float apply_update(float p, float decay, float step, float d) { return p * decay - step * d; }
 
-// Power iteration finish: sigma = ||v'|| / ||u||, 0 when v' = 0 (then v is kept).
-DK_HD float pi_sigma(float nu2, float nw2) { return nw2 > 0.f ? sqrtf(nw2) / sqrtf(nu2) : 0.f; }
-DK_HD float pi_next_v(float w, float v, float nw2) { return nw2 > 0.f ? w / sqrtf(nw2) : v; }
+// Power iteration finish: sigma = ||v'|| / ||u||, 0 when v' = 0 (then v is kept); NaN stays NaN.
+DK_HD float pi_sigma(float nu2, float nw2) { return nw2 != 0.f ? sqrtf(nw2) / sqrtf(nu2) : 0.f; }
+DK_HD float pi_next_v(float w, float v, float nw2) { return nw2 != 0.f ? w / sqrtf(nw2) : v; }
 
 // Newton-Schulz: X0 = G / (mult ||G||_F + eps);  B = b A + c (A A);  X' = a X + 1 (B X).
 DK_HD float ns_denom(float sumsq, float mult, float eps) { return mult * sqrtf(sumsq) + eps; }

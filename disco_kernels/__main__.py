@@ -44,7 +44,9 @@ def main() -> int:
     if ext is None:
         print("CUDA extension: not built")
     else:
-        print(f"CUDA extension: archs {ext.cuda_archs}; kernels: {', '.join(ext.kernels) or '-'}")
+        v = ext.cuda_runtime_version
+        print(f"CUDA extension: runtime {v // 1000}.{v % 1000 // 10}, archs {ext.cuda_archs}; "
+              f"kernels: {', '.join(ext.kernels) or '-'}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}); backends: {', '.join(_backend.available_backends(device))}")

@@ -71,6 +71,12 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.cache
+def runtime_status() -> str:
+    """"" when the extension's CUDA runtime works with this machine's driver, else why not (asked once)."""
+    return cuda_extension().runtime_status()
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -92,6 +98,10 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
             return "the CUDA extension disco_kernels._C was not built (install with nvcc available)"
         if device.type != "cuda":
             return f"CUDA kernels need a CUDA tensor (got {device.type})"
+        if status := runtime_status():
+            version = ext.cuda_runtime_version
+            return (f"the CUDA extension's runtime (CUDA {version // 1000}.{version % 1000 // 10}, linked statically) "
+                    f"cannot run here: {status}; rebuild it with a CUDA toolkit that this driver supports")
         cc = capability(device)
         if not any(arch_runs(a, cc) for a in ext.cuda_archs.split(",")):
             return (f"the CUDA extension was built for {ext.cuda_archs}, none of which runs on {device} "

@@ -161,7 +161,8 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     """Estimate sigma_max(W) for (m, n) or (b, m, n) W.
 
     v is a unit vector of size n per matrix. Each iteration: u = W v,
-    v' = Wᵀ u, sigma = ||v'|| / ||u||, v = v' / ||v'|| (v kept where W v = 0).
+    v' = Wᵀ u, sigma = ||v'|| / ||u||, v = v' / ||v'|| (sigma = 0 and v kept where v' = 0;
+    a non-finite W gives a non-finite sigma).
     Returns (sigma, v) with sigma of shape W.shape[:-2].
     """
     if v is None:
@@ -173,7 +174,7 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
         w = (W.mT @ u.unsqueeze(-1)).squeeze(-1)
         nu = torch.linalg.vector_norm(u, dim=-1)
         nw = torch.linalg.vector_norm(w, dim=-1)
-        ok = nw > 0
+        ok = nw != 0  # not "> 0": NaN must reach sigma
         sigma = torch.where(ok, nw / torch.where(ok, nu, 1), 0)
         v = torch.where(ok.unsqueeze(-1), w / torch.where(ok, nw, 1).unsqueeze(-1), v)
     return sigma, v

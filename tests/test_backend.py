@@ -28,12 +28,15 @@ def fake_gpu(monkeypatch):
     if _backend.triton_error() is not None:
         pytest.skip("needs Triton importable")
 
-    def make(cc, archs=BUILT):
+    def make(cc, archs=BUILT, runtime=""):
         monkeypatch.setattr(_backend, "_capability", lambda index: cc)
-        monkeypatch.setattr(_backend, "cuda_extension", lambda: SimpleNamespace(kernels=("newton_schulz",),
-                                                                                cuda_archs=archs))
+        ext = SimpleNamespace(kernels=("newton_schulz",), cuda_archs=archs, cuda_runtime_version=13000,
+                              runtime_status=lambda: runtime)
+        monkeypatch.setattr(_backend, "cuda_extension", lambda: ext)
+        _backend.runtime_status.cache_clear()
         return torch.device("cuda", 0)
-    return make
+    yield make
+    _backend.runtime_status.cache_clear()
 
 
 @pytest.mark.parametrize("cc,want", [((7, 0), "torch"), ((7, 5), "torch"), ((8, 0), "cuda"), ((8, 6), "cuda"),
@@ -49,6 +52,14 @@ def test_auto_takes_triton_when_the_build_misses_the_gpu(fake_gpu):
     device = fake_gpu((9, 0), archs="sm_80")
     assert _backend.resolve("auto", device, "newton_schulz", KERNELS) == "triton"
     with pytest.raises(RuntimeError, match=r"built for sm_80.*compute capability 9\.0.*DISCO_CUDA_ARCHS including 90"):
+        _backend.resolve("cuda", device, "newton_schulz", KERNELS)
+
+
+def test_auto_passes_over_a_runtime_the_driver_cannot_run(fake_gpu):
+    device = fake_gpu((9, 0), runtime="cudaErrorInsufficientDriver (CUDA driver version is insufficient)")
+    assert _backend.resolve("auto", device, "newton_schulz", KERNELS) == "triton"
+    with pytest.raises(RuntimeError, match=r"runtime \(CUDA 13\.0, linked statically\) cannot run here: "
+                                           r"cudaErrorInsufficientDriver.*rebuild"):
         _backend.resolve("cuda", device, "newton_schulz", KERNELS)
 
 

@@ -125,6 +125,15 @@ def test_host_power_iteration_zero_keeps_v(ext):
     assert (sigma == 0).all() and np.array_equal(v, v0.numpy())
 
 
+def test_host_power_iteration_nan_reaches_sigma(ext):
+    """A diverged (NaN) matrix must not read as sigma = 0; its neighbour in the batch is unaffected."""
+    W = torch.randn(2, 5, 6)
+    W[0, 2, 3] = float("nan")
+    sigma, _ = ext.host_power_iteration(W.numpy(), ref.default_start_vector(W).numpy(), 2)
+    sigma_ref, _ = ref.power_iteration(W.double(), None, 2)
+    assert np.isnan(sigma[0]) and sigma_ref[0].isnan() and np.isfinite(sigma[1])
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (7, 29), (29, 7), (16, 16)])
 @pytest.mark.parametrize("coefficients", ["jordan", "polar_express", [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]])
 def test_host_newton_schulz_vs_fp64(ext, shape, coefficients):
@@ -168,6 +177,14 @@ def test_negative_sizes_are_value_errors(ext):
             ext.newton_schulz_small(1, 1, 0, 0, 1, m, n, [1.0, 0.0, 0.0], 1.0, 1e-7, 0)
     with pytest.raises(ValueError, match=r"negative size in shape \(-2, -3\)"):
         ext.fused_update(1, 1, True, False, False, False, False, 0.1, 1.0, 1.0, [0], [0], [0], [[-2, -3]], 0)
+
+
+def test_runtime_status(ext):
+    """The statically linked runtime reports whether it can run here: '' exactly when torch sees a GPU
+    (no driver, an old driver or no device each give the runtime's error)."""
+    status = ext.runtime_status()
+    assert isinstance(status, str) and (status == "") == torch.cuda.is_available(), status
+    assert ext.cuda_runtime_version >= 12000
 
 
 def test_op_dispatch_on_cpu(ext):
