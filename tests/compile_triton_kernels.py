@@ -8,7 +8,8 @@ through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` (
 Triton 3.6 to 3.9) down to PTX and, with the ptxas Triton bundles, a cubin. By default: every kernel
 and every code path a constexpr selects, in bf16, with one config of the autotuned kernels; --all:
 every config, and fp32 too (IEEE dots take another lowering). Pointers are taken as 16-byte aligned
-and innermost strides as 1, as a launch on contiguous torch tensors specialises them. Prints a header
+and innermost strides as 1, as a launch on contiguous torch tensors specialises them; each compile is
+repeated with every integer argument 1 (specialised to a constexpr, as a launch does). Prints a header
 {"ptxas", "triton", "kernels" (every @triton.jit *_kernel of the modules)}, then one JSON line per compile: {"kernel", "group", "arch", "ok", "error",
 "ptx", "cubin" (sizes), "shared" (bytes), "fits" (shared memory within the target's per-block limit)}.
 """
@@ -102,7 +103,15 @@ def specs(full=False):
         for one_pass, lmo, flags in variants:
             out.append(spec(f"fu._row_kernel[{dt},ONE_PASS={one_pass},{lmo},light={flags['LIGHT_DECAY']}]",
                             fu._row_kernel, t, dict(flags, **row, LMO=lmo, ONE_PASS=one_pass), cfg))
-    return out
+    return out + [ints_one(s) for s in out]
+
+
+def ints_one(s):
+    """``s`` with every integer argument 1: a launch specialises an int equal to 1 as a constexpr
+    (m = 1 for a (1, n) G, one tensor in a fused update), a code path the interpreter never takes."""
+    ints = {a: 1 for a, t in s["sig"].items() if t in ("i32", "i64")}
+    return dict(s, label=s["label"][:-1] + ",ints=1]", sig={**s["sig"], **dict.fromkeys(ints, "constexpr")},
+                consts={**s["consts"], **ints})
 
 
 DTYPE_SIZE = {"bf16": 2, "fp32": 4}

@@ -71,6 +71,21 @@ def test_power_iteration_vs_reference(shape, dtype):
     assert rel_err(sigma, sigma_ref) < tol and rel_err(v, v_ref) < 16 * tol
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_power_iteration_nonfinite_and_zero(backend):
+    """A diverged (NaN) matrix reads as sigma = NaN, never as a healthy 0; a zero one as 0 with v kept;
+    neighbours in the batch are unaffected."""
+    W = torch.randn(3, 6, 20)
+    W[0, 2, 3] = float("nan")
+    W[1] = 0
+    v0 = ref.default_start_vector(W)
+    sigma, v = dk.ops.power_iteration(W, v0, iters=2, backend=backend)
+    want, _ = ref.power_iteration(W.double(), v0.double(), 2)
+    assert sigma[0].isnan() and want[0].isnan()
+    assert sigma[1] == 0 and torch.equal(v[1], v0[1])
+    assert rel_err(sigma[2], want[2]) < elementwise_tol(torch.float32, 2 * 20)
+
+
 def test_power_iteration_warm_start():
     W = torch.randn(3, 40, 60)
     sigma, v = dk.ops.power_iteration(W, iters=200)

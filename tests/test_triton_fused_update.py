@@ -189,3 +189,14 @@ def test_gpu_wide_rows_and_views():
     flat = [torch.randn(1 + 768 * 768 + 1 + 768 * 3072, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     views = [[f[1:1 + 768 * 768].view(768, 768), f[2 + 768 * 768:].view(768, 3072)] for f in flat]
     check_step(*views, lmo="Sign")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_list_spanning_two_devices():
+    """One list with tensors on cuda:0 and cuda:1: each device's group launches on that device."""
+    shapes = [(7, 129), (40, 33)]
+    params, grads, bufs = new(shapes, torch.float32)
+    for ts in (params, grads, bufs):
+        ts.append(ts[1].to("cuda:1"))
+    check_step(params, grads, bufs, lmo="RowNorm")

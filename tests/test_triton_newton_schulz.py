@@ -40,8 +40,9 @@ def check_vs_torch(G, steps, coefficients="jordan", dtype=None):
 
 
 # 16 x 16 tiles under the interpreter: (7, 129) and (129, 7) mask one row tile and the last k tile,
-# (2, 40, 50) has a 3 x 3 tile grid (off-diagonal mirrors, edges on both sides).
-@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 40, 50)])
+# (2, 40, 50) has a 3 x 3 tile grid (off-diagonal mirrors, edges on both sides); m = 1 (wide and tall) is an
+# argument a GPU launch specialises (see compile_triton_kernels.py).
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (129, 7), (3, 7, 129), (2, 40, 50), (2, 1, 40), (50, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vs_fp64(shape, dtype, path):
     check_vs_torch(torch.randn(shape, device=DEVICE).to(dtype), steps=3)
@@ -99,7 +100,8 @@ def test_upper_tile_enumerates_the_triangle():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (32, 512, 512), (64, 129, 257), (2048, 2048)])
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (32, 512, 512), (64, 129, 257), (2048, 2048),
+                                   (2, 1, 3000), (3000, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_real_sizes(shape, dtype):
     check_vs_torch(torch.randn(shape, device="cuda"), steps=5, dtype=dtype)

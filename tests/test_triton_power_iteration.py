@@ -65,6 +65,22 @@ def test_zero_matrix_keeps_v():
     assert sigma[1] == 0 and torch.equal(vo[1], v[1]) and (sigma[[0, 2]] > 0).all()
 
 
+def test_subnormal_norms_are_kept():
+    """W ~ 1e-11: every ||v'||² is below fp32's smallest normal (its entries are normal). Its square root
+    must not flush it to zero (GPU tl.sqrt does: sigma 0 and v unchanged). The squares of v' entries round
+    to the subnormal grid, off by up to tiny u each: a relative n tiny u / ||v'||² on ||v'||² (least at the
+    first iteration: ||WᵀW v|| only grows)."""
+    W = torch.randn(8, 16, device=DEVICE) * 2e-11
+    W64, v = W.double(), ref.default_start_vector(W)
+    tiny = torch.finfo(torch.float32).smallest_normal
+    assert torch.linalg.matrix_norm(W64, ord=2).item() ** 4 < tiny
+    ss1 = (W64.T @ (W64 @ v.double())).square().sum().item()
+    sigma, vo = dk.ops.power_iteration(W, v, 3, backend="triton")
+    s_ref, v_ref = ref.power_iteration(W64, v.double(), 3)
+    tol = 3 * reduction_tol(torch.float32, W.numel()) + 16 * tiny * unit(torch.float32) / ss1
+    assert rel_err(sigma, s_ref) <= tol and rel_err(vo, v_ref) <= tol
+
+
 def test_warm_start_continues_the_iteration():
     """Passing the returned v back in continues the iteration: 2 + 3 iterations == 5 at once."""
     W = torch.randn(2, 9, 100, device=DEVICE)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from disco_kernels._backend import on_device
+
 from ._config import interpreted
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -270,8 +272,10 @@ def fused_update(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, n
             kind = "tile" if axis is None else "row" if axis == 1 else "col"
             bucket = min(CMAX, triton.next_power_of_2(_view2d(p)[1])) if kind == "row" else 0
             groups.setdefault((p.device, p.dtype, kind, bucket), []).append(i)
-    for (_, _, kind, _), idx in groups.items():
-        _launch(kind, idx, params, grads, bufs, has_buf, lmo, lr, momentum, scale, unconstrained, normalized, light)
+    for (device, _, kind, _), idx in groups.items():
+        with on_device(device):  # a list may span GPUs: each launch runs on its tensors' device
+            _launch(kind, idx, params, grads, bufs, has_buf, lmo, lr, momentum, scale, unconstrained, normalized,
+                    light)
     if rest:
         from disco_kernels.ops.fused_update import _torch
         _torch([params[i] for i in rest], [grads[i] for i in rest], [bufs[i] for i in rest] if bufs else [], lmo,

@@ -86,7 +86,7 @@ def _load_x(ptrs, mask, s, DT: tl.constexpr, SCALED: tl.constexpr):
 @triton.jit
 def _upper_tile(k, t):
     """The k-th tile (i, j), j >= i, of a t x t tile grid, row by row: row i starts at i t - i (i - 1) / 2."""
-    tf = t.to(tl.float32)
+    tf = tl.cast(t, tl.float32)  # t is a constexpr when Triton specialises m == 1
     i = ((2 * tf + 1 - tl.sqrt((2 * tf + 1) * (2 * tf + 1) - 8 * k.to(tl.float32))) * 0.5).to(tl.int32)
     i = tl.where(i * t - i * (i - 1) // 2 > k, i - 1, i)  # fix the float estimate by one either way
     i = tl.where((i + 1) * t - (i + 1) * i // 2 <= k, i + 1, i)

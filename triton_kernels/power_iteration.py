@@ -6,7 +6,7 @@ Per iteration, for (b, m, n) W and unit v:
                     from the same tile of W (rows up to BN = next_pow2(n) <= NMAX wide stay in
                     registers; wider rows are re-read from cache in a second sweep). Persistent
                     programs walk the row blocks and add their v' and ||u||² once (fp32 atomics).
-    _finish_kernel: sigma = ||v'|| / ||u||, v = v' / ||v'|| (v and sigma = 0 kept where v' = 0),
+    _finish_kernel: sigma = ||v'|| / ||u||, v = v' / ||v'|| (v and sigma = 0 kept where v' = 0; NaN stays NaN),
                     then zero the accumulators for the next iteration.
 """
 from __future__ import annotations
@@ -73,9 +73,9 @@ def _finish_kernel(v_ptr, acc_ptr, usq_ptr, sigma_ptr, n, BN: tl.constexpr):
         cc = c + tl.arange(0, BN)
         a = tl.load(acc + cc, mask=cc < n, other=0.0)
         ss += a * a
-    nw = tl.sqrt(tl.sum(ss, 0))
-    nu = tl.sqrt(tl.load(usq_ptr + bid))
-    ok = nw > 0
+    nw = tl.sqrt_rn(tl.sum(ss, 0))  # IEEE: tl.sqrt flushes subnormal sums of squares to 0 on GPUs
+    nu = tl.sqrt_rn(tl.load(usq_ptr + bid))
+    ok = nw != 0  # not "> 0": NaN must reach sigma
     tl.store(sigma_ptr + bid, tl.where(ok, nw / tl.where(ok, nu, 1.0), 0.0))
     for c in range(0, n, BN):
         cc = c + tl.arange(0, BN)
