@@ -51,10 +51,10 @@ def _param_name(group: dict, i: int, p: torch.Tensor, gi: int) -> str:
 def _check_hyper(group: dict) -> Norm:
     """Validate a group's hyper-parameters; return its norm."""
     lr, momentum, scale = group["lr"], group["momentum"], group["scale"]
-    if isinstance(lr, torch.Tensor):
-        lr = lr.item()
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not torch.compiler.is_compiling():  # traced, lr may be symbolic (a schedule changes it): checked eagerly
+        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1] (it is one minus the usual factor), got {momentum!r}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):

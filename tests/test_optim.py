@@ -416,6 +416,26 @@ def test_compiled_step_matches_eager():
         assert rel_err(a, b) < 1e3 * unit(torch.float64)
 
 
+def test_compiled_step_follows_an_lr_schedule():
+    """A compiled step whose lr changes every step (a schedule) traces without error and takes the eager steps."""
+    def run(compile_):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(8, 6)
+        opt = dk.Scion([{"params": [model.weight], "norm": "Spectral", "norm_kwargs": {"dtype": "float32"}},
+                        {"params": [model.bias], "norm": "BiasRMS"}], lr=0.1, momentum=0.5, nonfinite="ignore")
+        step = torch.compile(opt.step, fullgraph=True, backend="eager") if compile_ else opt.step
+        for k in range(4):
+            for group in opt.param_groups:
+                group["lr"] = 0.1 * 0.5 ** k
+            model.zero_grad()
+            model(torch.randn(3, 8)).square().sum().backward()
+            step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_finite_check_has_no_overflow(dtype):
     """Gradients at the top of their dtype's range are finite (no sum or square to overflow); one inf, -inf
