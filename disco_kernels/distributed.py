@@ -29,6 +29,7 @@ rank fail validation, which params have gradients, and which are non-finite.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import math
@@ -317,7 +318,7 @@ def _sharded(work: _Owned, group, updates) -> None:
     for k, rnd in enumerate(rounds):
         if k + 1 < len(rounds):
             fwd.append(forward(rounds[k + 1]))
-        handle, out = fwd[k]
+        (handle, out), fwd[k] = fwd[k], None  # the received shards die with this round
         handle.wait()
         back.append(backward(rnd, out))
     for rnd, (handle, out) in zip(rounds, back):
@@ -373,19 +374,23 @@ def _flags(params, err, check_finite: bool, device) -> torch.Tensor:
         flags[1 + k + (n if p.grad is None else 0)] = 1
         if p.grad is not None and local([p.grad])[0].numel():
             grads.append(k)
-    flags = flags.to(device)
+    # non_blocking: a plain host-to-device copy synchronises the host with the device's stream
+    flags = flags.to(device, non_blocking=True)
     if check_finite and grads and err is None:
         bad = (~finite_mask(local([params[k].grad for k in grads])).to(device)).float()
-        flags[1 + 2 * n + torch.tensor(grads, device=device)] = bad
+        idx = torch.tensor([1 + 2 * n + k for k in grads]).to(device, non_blocking=True)
+        flags.index_copy_(0, idx, bad)
     return flags
 
 
-def _raise_agreed(group, err) -> None:
+def _raise_agreed(group, err, device) -> None:
     """Raise the same exception on every rank: the first failing rank's, naming that rank."""
     world = dist.get_world_size(group)
     mine = None if err is None else (type(err).__name__, str(err))
     gathered = [None] * world
-    dist.all_gather_object(gathered, mine, group=group)
+    # NCCL object collectives use the current CUDA device: make it the params' one
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(gathered, mine, group=group)
     src = next((r for r, e in enumerate(gathered) if e is not None), None)
     if src is None:
         raise RuntimeError("Scion: a rank of another process group failed validation; no parameter was modified")
@@ -408,7 +413,7 @@ def agree(opt, params, names, groups):
     flags = flags.cpu()
     n = len(params)
     if flags[0]:
-        _raise_agreed(groups[0], err)
+        _raise_agreed(groups[0], err, device)
     has, lacks, bad = flags[1:1 + n], flags[1 + n:1 + 2 * n], flags[1 + 2 * n:]
     split = (has * lacks).nonzero()
     if len(split):

@@ -20,11 +20,17 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from . import reference
 from .ops import power_iteration
 from .param_groups import classify
 from .scaling import OUTPUT_NORM_LOG2
+
+
+def _full(W: torch.Tensor) -> torch.Tensor:
+    """W itself, or the whole matrix of a DTensor (FSDP2): an all-gather that every rank must call."""
+    return W.full_tensor() if isinstance(W, DTensor) else W
 
 
 def _check(W, name: str = "W") -> torch.Tensor:
@@ -88,6 +94,7 @@ class NormMonitor:
     With ``optimizer`` the monitor hooks its ``step`` and records by itself; without,
     call ``monitor.step()`` after each optimizer step. Each record is appended to
     ``history``, passed to ``callback(step, record)`` and, with ``csv_path``, written.
+    FSDP2 (DTensor) weights are gathered whole for each record, so every rank must record.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, every: int = 10,
@@ -153,7 +160,7 @@ class NormMonitor:
         return math.sqrt(W.size(1) / W.size(0)) * sigma
 
     def _norms(self, key: str, role: str, W: torch.Tensor) -> dict[str, torch.Tensor]:
-        W = W.detach()
+        W = _full(W.detach())
         W2 = W.reshape(W.size(0), -1)
         out = {}
         if role == "input":
@@ -204,7 +211,7 @@ class NormMonitor:
         """‖W_out‖_{RMS→∞} now (exact; no record is made)."""
         if self.output is None:
             raise ValueError("this monitor has no output layer (pass output= or roles= to name one)")
-        W = self.layers[self.output][1].detach()
+        W = _full(self.layers[self.output][1].detach())
         return reference.rms_to_inf(W.reshape(W.size(0), -1)).item()
 
     def to_csv(self, path) -> None:

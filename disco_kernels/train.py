@@ -64,7 +64,7 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Gene
     """Random windows: (inputs, next-byte targets), each (batch_size, seq_len) int64 on ``device``."""
     starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=gen)
     idx = starts[:, None] + torch.arange(seq_len + 1)
-    chunk = data[idx].long().to(device)
+    chunk = data[idx].long().to(device, non_blocking=True)  # a blocking copy would wait for the device
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -74,7 +74,7 @@ def evaluate(model, data, batch_size, seq_len, device, batches: int = 8) -> floa
     gen = torch.Generator().manual_seed(1234)
     was_training = model.training
     model.eval()
-    loss = sum(model(*get_batch(data, batch_size, seq_len, gen, device)).item() for _ in range(batches)) / batches
+    loss = sum(model(*get_batch(data, batch_size, seq_len, gen, device)) for _ in range(batches)).item() / batches
     model.train(was_training)
     return loss
 
@@ -88,11 +88,14 @@ def _distributed(device: str):
         return 0, 1, torch.device(device)
     import torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), world, torch.device(f"cuda:{local}" if device == "cuda" else device)
+    device = torch.device("cuda", local) if device == "cuda" else torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized() and device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)  # binds NCCL to this rank's GPU
+    elif not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world, device
 
 
 def _progress(steps: int, enabled: bool):

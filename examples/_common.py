@@ -25,7 +25,7 @@ def setup() -> torch.device:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", device_id=device)  # binds NCCL to this rank's GPU
         return device
     dist.init_process_group("gloo")
     return torch.device("cpu")

@@ -14,6 +14,7 @@ most lr·|scale|·|u|·tol, plus one rounding of p, per step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -233,6 +234,23 @@ def _scenario_faults(kind, world, device):
     return out
 
 
+def _scenario_monitor(kind, world, device):
+    """NormMonitor records of one step; FSDP2 weights are DTensors (gathered whole by the monitor)."""
+    from disco_kernels.models import NormEverywhereLM
+    torch.manual_seed(0)
+    model = NormEverywhereLM("tiny").to(device)
+    if kind == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model, mesh=init_device_mesh(device.type, (world,)))
+    opt = dk.Scion(dk.param_groups(model, lr=LR), lr=LR, unconstrained=True, backend="torch",
+                   process_group=_pg(kind))
+    mon = dk.norms.NormMonitor(model, opt, every=1)
+    set_grads(model, 0)
+    opt.step()
+    return {**mon.latest, "output_norm": mon.output_norm()}
+
+
 def _state_dicts(model, opt):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
@@ -275,6 +293,7 @@ def _job(rank, world, root):
                 out[kind, cls.__name__] = _scenario_train(kind, world, device, cls)
             out[kind, "local_only"] = _scenario_local_only(kind, world, device)
             out[kind, "faults"] = _scenario_faults(kind, world, device)
+            out[kind, "monitor"] = _scenario_monitor(kind, world, device)
             prev = f"{root}/dcp_{kind}_{world - 1}" if world > 1 else None
             out[kind, "dcp"] = _scenario_dcp(kind, world, device, f"{root}/dcp_{kind}_{world}", prev)
     except Exception:
@@ -505,3 +524,68 @@ def test_bench_plan_meets_targets():
         assert r["bytes_ratio"] <= bench.BYTES_TARGET, r
         assert r["ns_max_over_achievable"] <= bench.BALANCE_TARGET, r
         assert r["ns_max_over_mean"] <= r["round_robin_max_over_mean"], r
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_norm_monitor_on_every_rank_sees_the_whole_weights(jobs, world, kind):
+    torch.manual_seed(0)
+    model = dk.models.NormEverywhereLM("tiny")
+    opt = dk.Scion(dk.param_groups(model, lr=LR), lr=LR, unconstrained=True, backend="torch")
+    mon = dk.norms.NormMonitor(model, opt, every=1)
+    set_grads(model, 0)
+    opt.step()
+    want = {**mon.latest, "output_norm": mon.output_norm()}
+    for out in _ok(jobs, world):
+        got = out[kind, "monitor"]
+        assert got.keys() == want.keys()
+        for k in want:  # same full weights and steps; only the order of Newton-Schulz sums may differ
+            assert got[k] == pytest.approx(want[k], rel=1e-6), k
+
+
+def test_agreed_error_gathers_on_the_params_cuda_device(monkeypatch):
+    """NCCL object collectives run on the current CUDA device: it must be this rank's, not cuda:0."""
+    seen = []
+
+    @contextlib.contextmanager
+    def device(d):
+        seen.append(("enter", d))
+        yield
+        seen.append("exit")
+
+    def gather(out, obj, group=None):
+        seen.append("gather")
+        out[:] = [obj]
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    with pytest.raises(ValueError, match=r"lr is bad \[rank 0 of 1"):
+        ddist._raise_agreed(None, ValueError("lr is bad"), torch.device("cuda", 1))
+    assert seen == [("enter", torch.device("cuda", 1)), "gather", "exit"]
+
+
+@pytest.mark.gpu
+def test_replicated_step_syncs_the_host_once(tmp_path):
+    """One device-to-host copy per step (the agreement flags); no blocking host-to-device copies."""
+    import warnings
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        model = build("cuda")
+        opt = make_opt(model, process_group="default")
+        set_grads(model, 0)
+        opt.step()  # warm-up: first-call allocations and compilation
+        set_grads(model, 1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 1, syncs
+    finally:
+        dist.destroy_process_group()

@@ -82,3 +82,27 @@ def test_bad_flags_exit(argv, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_batches_copy_to_the_device_without_waiting(monkeypatch):
+    """A blocking host-to-device copy would synchronise the host with the GPU every step."""
+    seen, to = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("non_blocking", False))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    train.get_batch(torch.arange(200, dtype=torch.uint8), 3, 10, torch.Generator().manual_seed(0), "cpu")
+    assert seen == [True]
+
+
+@pytest.mark.gpu
+def test_batches_on_the_gpu_do_not_sync():
+    data = torch.arange(200, dtype=torch.uint8)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x, y = train.get_batch(data, 3, 10, torch.Generator().manual_seed(0), "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.is_cuda and torch.equal(y[:, :-1], x[:, 1:])
