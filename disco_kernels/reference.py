@@ -207,17 +207,30 @@ def rms_to_rms(W):
 
 def rms_to_inf(W):
     """RMS -> inf norm: sqrt(d_in) * max_i ||W[i, :]||_2 (the paper's output-layer norm)."""
-    return math.sqrt(W.size(-1)) * torch.linalg.vector_norm(W.double(), dim=-1).amax(dim=-1)
+    return math.sqrt(W.size(-1)) * max_line_norm(W, -1)
 
 
 def l1_to_rms(W):
     """l1 -> RMS norm: max_j ||W[:, j]||_2 / sqrt(d_out)."""
-    return torch.linalg.vector_norm(W.double(), dim=-2).amax(dim=-1) / math.sqrt(W.size(-2))
+    return max_line_norm(W, -2) / math.sqrt(W.size(-2))
 
 
 def supremum(W):
-    """Largest absolute entry: max |W_ij|."""
-    return W.double().abs().amax(dim=(-2, -1))
+    """Largest absolute entry: max |W_ij| (exact in W's dtype; no copy of W)."""
+    dims = (-2, -1)
+    return torch.maximum(W.amax(dim=dims), -W.amin(dim=dims)).double()
+
+
+FP64_CHUNK = 1 << 24  # elements of W copied to fp64 at a time (128 MiB), however large W is
+
+
+def max_line_norm(W, dim):
+    """max ||line||_2 over the rows (dim=-1) or columns (dim=-2) of (..., m, n) W, in fp64, taken
+    FP64_CHUNK elements at a time so that a large weight never has a whole fp64 copy."""
+    lines = W.size(-2 if dim == -1 else -1)
+    per_chunk = max(1, FP64_CHUNK // (W.numel() // lines))
+    chunks = W.split(per_chunk, dim=-2 if dim == -1 else -1)
+    return torch.stack([torch.linalg.vector_norm(c.double(), dim=dim).amax(dim=-1) for c in chunks]).amax(dim=0)
 
 
 def condition_number(W):

@@ -67,6 +67,19 @@ def test_supremum_and_condition_number(shape, dtype):
     assert close(norms.condition_number(W), s[0] / s[-1], reduction_tol(torch.float64, max(shape)) * s[0] / s[-1])
 
 
+@pytest.mark.parametrize("shape", [(37, 23), (2, 37, 23), (1, 64)])
+def test_line_norms_in_fp64_chunks_equal_the_whole(shape, monkeypatch):
+    """Large weights are copied to fp64 a chunk at a time: the row and column maxima (and NaN) are
+    those of the whole matrix."""
+    W = torch.randn(shape).to(torch.bfloat16)
+    whole = {-1: W.double().norm(dim=-1).amax(-1), -2: W.double().norm(dim=-2).amax(-1)}
+    monkeypatch.setattr(dk.reference, "FP64_CHUNK", 50)  # a few lines per chunk
+    for dim, want in whole.items():
+        assert torch.equal(dk.reference.max_line_norm(W, dim), want)
+    W[..., -1, -1] = float("nan")
+    assert dk.reference.max_line_norm(W, -1).isnan().all() and norms.supremum(W).isnan().all()
+
+
 def test_condition_number_of_a_singular_matrix_is_huge():
     W = torch.randn(9, 1, dtype=torch.float64) @ torch.randn(1, 5, dtype=torch.float64)  # rank 1
     assert norms.condition_number(W).item() > 1 / (9 * torch.finfo(torch.float64).eps)
