@@ -1,9 +1,10 @@
 """``python -m bench [--quick | --smoke] [--out DIR]``: time every op and the whole
 optimizer step against the reference and peers, with the share of the device's peak.
 
-Writes results.json, results.csv (after every suite, so a cut-short run keeps
-what it timed) and PNG plots to ``--out`` (default bench/out/{device}-{date}/)
-and prints a short table. With no flag it runs the full suite (real shapes on
+Writes results.json, results.csv (after every case, so a run killed at a time
+limit keeps what it timed; on SIGINT it also writes the plots and the table)
+and PNG plots to ``--out`` (default bench/out/{device}-{date}/) and prints a
+short table. With no flag it runs the full suite (real shapes on
 a GPU); ``--quick`` fits in two minutes on a 2-core CPU (shapes scaled down on
 CPU, and said so); ``--smoke`` is a seconds-long run on tiny shapes (the test
 suite uses it).
@@ -90,10 +91,10 @@ def distributed_rows(quick: bool) -> list[dict]:
     return distributed.run(quick)
 
 
-def _skipped(case) -> dict:
+def _skipped(case, why: str = "time limit") -> dict:
     return {"suite": case.suite, "model": case.model, "case": case.case, "shape": case.shape,
             "dtype": dtype_name(case.dtype), "impl": case.impl, "baseline": case.baseline,
-            "status": "skipped: time limit"}
+            "status": f"skipped: {why}"}
 
 
 def main(argv=None) -> Path:
@@ -133,13 +134,18 @@ def run(args) -> Path:
         return {"environment": environment(device), "preset": plan.preset, "shapes": describe_shapes(plan),
                 "seconds": round(time.perf_counter() - t0, 1)}
 
+    todo = [c for s in suites for c in cases[s]]
     rows = []
-    for case in _progress((c for s in suites for c in cases[s]), sum(map(len, cases.values()))):
-        late = limit is not None and time.perf_counter() - t0 > limit
-        rows.append(_skipped(case) if late else measure(case, plan))
-        if case is cases[case.suite][-1]:  # a suite done: keep what it timed
-            report.add_speedups(rows)
-            report.write(rows, meta(), out)
+    try:
+        for case in _progress(todo, len(todo)):
+            late = limit is not None and time.perf_counter() - t0 > limit
+            rows.append(_skipped(case) if late else measure(case, plan))
+            if not late:  # keep every timed case: a run killed at a time limit still leaves its data
+                report.add_speedups(rows)
+                report.write(rows, meta(), out)
+    except KeyboardInterrupt:  # SIGINT, e.g. from `timeout --signal=INT`: write what was timed, then plots
+        print(f"\ninterrupted after {len(rows)} of {len(todo)} cases", flush=True)
+        rows += [_skipped(c, "interrupted") for c in todo[len(rows):]]
     report.add_speedups(rows)
     files = report.write(rows, meta(), out)
     if dist := distributed_rows(plan.preset != "full"):

@@ -1,10 +1,12 @@
 """A benchmark case (one op or step, one shape, dtype and implementation) and its measurement.
 
-Every case knows its work: ``flops`` (TFLOP/s are reported in them) and
-``bytes`` (read + written once, GB/s), which of them bounds it, and the least
-FLOPs any implementation needs (``floor_flops``, below ``flops`` where a kernel
-may exploit symmetry). The floor time on the device follows from its peaks,
-and ``share_of_peak = floor / measured time``.
+Every case knows its work: ``flops`` (TFLOP/s are reported in them; for
+Newton-Schulz DESIGN.md's 4m²n + 2m³ per step) and ``bytes`` (read + written
+once, GB/s), and which of them bounds it. Their time at the device's peaks is
+``floor_ms`` and ``share_of_peak = floor / measured time``. Where a kernel may
+do less (``floor_flops``: X Xᵀ and A A computed one triangle each),
+``share_of_floor`` is the same against that least work: a symmetric kernel can
+pass 100% of peak in the first measure, never in the second.
 """
 from __future__ import annotations
 
@@ -69,15 +71,15 @@ class Case:
     bound: str                              # "compute", "memory" or "both"
     build: Callable[[], tuple[Callable[[], object], Callable[[], float] | None]]
     compute_dtype: torch.dtype | None = None  # the dtype the flops run in (default: dtype)
-    floor_flops: float | None = None          # least FLOPs any implementation needs (default: flops)
+    floor_flops: float | None = None          # least FLOPs any implementation needs, when below flops
     warmup: int = 1                           # calls before timing (3 where torch.compile recompiles)
     extra: dict = field(default_factory=dict)
 
-    def floor_seconds(self, device: Device) -> float:
+    def floor_seconds(self, device: Device, flops: float | None = None) -> float:
+        """Time of the case's work (``flops`` instead of its own, when given) at the device's peaks."""
         t = 0.0
         if self.bound in ("compute", "both"):
-            flops = self.flops if self.floor_flops is None else self.floor_flops
-            t += flops / device.peak_flops(self.compute_dtype or self.dtype)
+            t += (self.flops if flops is None else flops) / device.peak_flops(self.compute_dtype or self.dtype)
         if self.bound in ("memory", "both"):
             t += self.bytes / (device.peak_gbps * 1e9)
         return t
@@ -132,4 +134,6 @@ def measure(case: Case, plan: Plan) -> dict:
     row.update(status="ok", time_ms=seconds * 1e3, tflops=case.flops / seconds / 1e12 if case.flops else None,
                gbps=case.bytes / seconds / 1e9 if case.bytes else None, floor_ms=floor * 1e3,
                share_of_peak=floor / seconds)
+    if case.floor_flops is not None:
+        row["share_of_floor"] = case.floor_seconds(plan.device, case.floor_flops) / seconds
     return row

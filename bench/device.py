@@ -28,15 +28,17 @@ import torch
 #   PCIe 1,513 sparse, FP32 51, 2 TB/s; NVL 1,671 sparse, FP32 60, 3.9 TB/s.
 # H200: NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200/):
 #   SXM BF16 1,979 TFLOPS sparse, FP32 67 TFLOPS, 4.8 TB/s; NVL 1,671 sparse, FP32 60, 4.8 TB/s.
+# Patterns start at a word boundary: "NVIDIA GH200 480GB" (other memory) is no H200 and gets measured.
 GPU_PEAKS = (
-    (r"H200 NVL", "H200 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}, 4800.0),
-    (r"H200", "H200 SXM", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}, 4800.0),
-    (r"H100 NVL", "H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}, 3900.0),
-    (r"H100 PCIe", "H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 51.0}, 2000.0),
-    (r"H100", "H100 SXM", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}, 3350.0),
-    (r"A100.*80GB.*PCIe|A100.*PCIe.*80GB", "A100 80GB PCIe", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 1935.0),
-    (r"A100.*80GB", "A100 80GB SXM", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 2039.0),
-    (r"A100", "A100 40GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 1555.0),
+    (r"\bH200 NVL", "H200 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}, 4800.0),
+    (r"\bH200", "H200 SXM", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}, 4800.0),
+    (r"\bH100 NVL", "H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}, 3900.0),
+    (r"\bH100 PCIe", "H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 51.0}, 2000.0),
+    (r"\bH100", "H100 SXM", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}, 3350.0),
+    (r"\bA100.*80GB.*PCIe|\bA100.*PCIe.*80GB", "A100 80GB PCIe", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+     1935.0),
+    (r"\bA100.*80GB", "A100 80GB SXM", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 2039.0),
+    (r"\bA100", "A100 40GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 1555.0),
 )
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}

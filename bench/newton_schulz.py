@@ -2,9 +2,9 @@
 
 Ours: ``dk.ops.newton_schulz`` per backend and torch.compile of the reference
 math. Baselines: the reference Scion NS (bf16, per matrix), torch.optim.Muon's,
-and peer packages. TFLOP/s count plain NS; the share of peak is against the
-symmetric floor (``shapes.ns_floor_flops``). Error: against fp64 NS with the
-same coefficients on the same input.
+and peer packages. TFLOP/s and the share of peak count plain NS (DESIGN.md);
+``share_of_floor`` is against the symmetric floor (``shapes.ns_floor_flops``).
+Error: against fp64 NS with the same coefficients on the same input.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,15 +27,19 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def write(rows: list[dict], meta: dict, out: Path, stem: str = "results") -> list[Path]:
-    """<stem>.json (meta + rows) and <stem>.csv (one line per row) in ``out``."""
+    """<stem>.json (meta + rows) and <stem>.csv (one line per row) in ``out``, each replaced whole
+    (a run killed while writing leaves the previous version, never half a file)."""
     out.mkdir(parents=True, exist_ok=True)
     files = [out / f"{stem}.json", out / f"{stem}.csv"]
-    files[0].write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+    tmp = [f.with_name(f.name + ".tmp") for f in files]
+    tmp[0].write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with files[1].open("w", newline="") as f:
+    with tmp[1].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+    for t, f in zip(tmp, files):
+        os.replace(t, f)
     return files
 
 
@@ -139,7 +144,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['model'] + ', ' + r['case'].split(', ')[-1]:28s} {r['dtype']:5s} {r['impl']:10s} "
                          f"{r['time_ms']:9.2f} {100 * r['share_of_peak']:6.1f} "
                          f"{_fmt(r.get('speedup_vs_reference'), '6.2f'):>6s} {_fmt(r.get('rel_err'), '8.1e'):>8s}")
-    counted = {"unsupported": "outside what the CUDA kernels take", "skipped": "skipped: past the time limit"}
+    counted = {"unsupported": "outside what the CUDA kernels take",
+               "skipped": "skipped: past the time limit or interrupted"}
     for kind, what in counted.items():
         if n := sum(r.get("status", "").startswith(kind) for r in rows):
             lines.append(f"\n{n} cases {what} (status in results.csv)")

@@ -100,7 +100,8 @@ def test_ns_flops_plain_and_symmetric_floor():
     assert ns_floor_flops((768, 3072)) == ns_flops((768, 3072)) - 5 * (768 ** 2 * 3072 + 768 ** 3)
     case = next(c for c in newton_schulz.cases(PLAN) if c.impl == "torch")
     assert case.floor_flops == ns_floor_flops(tuple(map(int, case.shape.split("x"))))
-    assert case.floor_seconds(CPU) == case.floor_flops / 0.05e12
+    assert case.floor_seconds(CPU) == case.flops / 0.05e12  # DESIGN.md's share of peak: 4m²n + 2m³
+    assert case.floor_seconds(CPU, case.floor_flops) == case.floor_flops / 0.05e12
 
 
 def test_interpreted_triton_is_timed_only_when_named(monkeypatch):
@@ -120,6 +121,13 @@ def test_failed_error_check_still_times():
     assert row["status"] == "ok" and math.isnan(row["rel_err"]) and "fp64 twin" in row["note"]
 
 
+def test_step_compiles_last(monkeypatch):
+    """torch.compile's minutes come after every model's eager step, so a time limit cuts compile first."""
+    monkeypatch.setattr(dk, "available_backends", lambda device: ["torch"])
+    impls = [c.impl for c in optimizer_step.cases(Plan(CPU, "quick", (torch.float32,), compile=True))]
+    assert "compile" in impls and impls.index("compile") == len(impls) - impls.count("compile")
+
+
 def test_model_sizes():
     assert abs(GPT2_124M.n_params() - 163.0e6) < 1e6   # 124M + the untied 38.6M head
     assert abs(PROXY.n_params() - 69.8e6) < 0.1e6       # the paper's 69M proxy
@@ -133,8 +141,29 @@ def test_peak_table(name, label):
     assert table_peaks(name)[0] == label
 
 
-def test_peak_table_unknown_gpu():
-    assert table_peaks("NVIDIA GeForce RTX 4090") is None
+@pytest.mark.parametrize("name", ["NVIDIA GeForce RTX 4090", "NVIDIA GH200 480GB", "NVIDIA H20"])
+def test_peak_table_unknown_gpu(name):
+    assert table_peaks(name) is None
+
+
+def test_cli_keeps_every_case_and_stops_cleanly_on_sigint(tmp_path, monkeypatch):
+    """Results are on disk after each case; SIGINT (a stage's time limit) writes the rest as skipped."""
+    import bench.__main__ as cli
+    out = tmp_path / "r"
+    timed = []
+
+    def fake_measure(case, plan):
+        if len(timed) == 2:
+            assert len(json.loads((out / "results.json").read_text())["rows"]) == 2
+            raise KeyboardInterrupt
+        timed.append(case)
+        return {**cli._skipped(case), "status": "ok", "time_ms": 1.0, "share_of_peak": 0.5}
+    monkeypatch.setattr(cli, "measure", fake_measure)
+    main(["--smoke", "--suites", "fused_update", "--no-plots", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows[:2]] == ["ok", "ok"] and len(rows) > 3
+    assert {r["status"] for r in rows[2:]} == {"skipped: interrupted"}
+    assert not list(out.glob("*.tmp"))
 
 
 def test_cli_time_limit_and_out_template(tmp_path):

@@ -21,6 +21,7 @@ shift
 cd "$(dirname "$0")/.."
 mkdir -p "$log_dir"
 log_dir=$(cd "$log_dir" && pwd)
+py=${PYTHON:-python3}  # the GPU images' interpreter; `python` may not exist there
 
 sanitizer=$(command -v compute-sanitizer || true)
 for home in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
@@ -30,7 +31,7 @@ if [[ -z "$sanitizer" ]]; then
   echo "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda)" >&2
   exit 2
 fi
-python - <<'EOF' || exit 2
+"$py" - <<'EOF' || exit 2
 import sys, torch
 from disco_kernels import _backend
 if not torch.cuda.is_available() or _backend.cuda_extension() is None:
@@ -43,7 +44,7 @@ summary="$log_dir/summary.txt"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
   "$sanitizer" --version | tail -n 1 | sed 's/^/sanitizer: /'
-  python -c "import torch, disco_kernels._C as C; print('torch:', torch.__version__, '| _C archs:', C.cuda_archs)"
+  "$py" -c "import torch, disco_kernels._C as C; print('torch:', torch.__version__, '| _C archs:', C.cuda_archs)"
 } > "$summary"
 
 status=0
@@ -52,7 +53,7 @@ for tool in ${TOOLS:-memcheck racecheck}; do
   [[ $tool == memcheck ]] && env=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   echo "== $tool -> $log_dir/$tool.log"
   env "${env[@]}" "$sanitizer" --tool "$tool" --error-exitcode 1 --kernel-regex "kns=$kernels" \
-    python -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k "not huge" "$@" > "$log_dir/$tool.log" 2>&1
+    "$py" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k "not huge" "$@" > "$log_dir/$tool.log" 2>&1
   rc=$?
   result=$(grep -E "(ERROR|RACECHECK) SUMMARY" "$log_dir/$tool.log" | tail -n 1)
   tests=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|errors?)" "$log_dir/$tool.log" | tail -n 1)

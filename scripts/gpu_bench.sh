@@ -9,12 +9,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python -c "import disco_kernels.triton_kernels" 2>/dev/null; then
-    # Offline install, as the README says; builds the CUDA extension when nvcc is found.
-    python -m pip install --no-build-isolation --no-deps -e . >/dev/null
+py=${PYTHON:-python3}  # the GPU images' interpreter; `python` may not exist there
+
+# Editable, so that the package imported from this folder is the built one (with _C and
+# disco_kernels.triton_kernels); offline, builds the CUDA extension when nvcc is found.
+if ! "$py" -c "import disco_kernels.triton_kernels" 2>/dev/null; then
+    "$py" -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps -e . >/dev/null
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-python -m disco_kernels                         # versions, backends, self-check
+"$py" -m disco_kernels || echo "self-check FAILED: timing anyway" >&2  # versions, backends, self-check
 # The headline first: a run cut by the time limit keeps the whole-step numbers.
-exec python -m bench --out "bench/results/{device}-{date}" --time-limit "${BENCH_TIME_LIMIT:-480}" \
+exec "$py" -m bench --out "bench/results/{device}-{date}" --time-limit "${BENCH_TIME_LIMIT:-480}" \
     --suites step,newton_schulz,fused_update,power_iteration "$@"
