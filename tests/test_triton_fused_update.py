@@ -164,6 +164,16 @@ def test_zero_grads_and_empty_tensors():
         check_step(params, grads, bufs, lmo=lmo)
 
 
+@pytest.mark.parametrize("lmo", ["RowNorm", "ColNorm", "BiasRMS"])
+def test_tiny_grads_see_the_eps(lmo):
+    """Line norms of about 1e-8, the size of the LMO's eps: d / (||d|| f + 1e-8) must add exactly that eps,
+    which at ordinary sizes is invisible."""
+    params, grads, bufs = new(shapes_for(lmo), torch.float32)
+    for t in grads + bufs:
+        t.mul_(1e-9)
+    check_step(params, grads, bufs, lmo=lmo)
+
+
 GPT2_SMALL = [(50257, 768), (1024, 768), (768, 2304), (768, 768), (768, 3072), (3072, 768), (768,), (2304,)]
 
 

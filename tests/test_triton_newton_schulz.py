@@ -61,6 +61,14 @@ def test_noncontiguous_and_cast(path):
     check_vs_torch(base[:, 1, :33], steps=2, dtype=torch.float16)  # tall (50, 33), fp32 in, fp16 out
 
 
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express"])
+def test_norm_eps_of_a_tiny_g(coefficients, path):
+    """||G||_F of 1e-6, the size of the schedule's eps (1e-7 jordan, 1e-6 polar_express): X0 = G / (mult ||G||_F
+    + eps) must take the schedule's eps, which at ordinary sizes is invisible."""
+    G = torch.randn(2, 20, 33, device=DEVICE)
+    check_vs_torch(G * (1e-6 / G.norm(dim=(-2, -1), keepdim=True)), steps=5, coefficients=coefficients)
+
+
 def test_one_step_tall(path):
     """A single step reads G and writes the (transposed-back) result with no buffer in between."""
     check_vs_torch(torch.randn(3, 21, 5, device=DEVICE), steps=1)
