@@ -15,4 +15,4 @@ def finite_mask(grads: list[torch.Tensor]) -> torch.Tensor:
     if grads[0].device.type == "cpu":
         extremes = torch.stack([v for g in grads for v in torch.aminmax(g.reshape(-1))])  # promotes, never narrows
         return extremes.isfinite().view(-1, 2).all(1)
-    return torch.stack([m.isfinite() for m in torch._foreach_norm(grads, ord=math.inf)])
+    return torch.stack(torch._foreach_norm(grads, ord=math.inf)).isfinite()  # (stack promotes: one launch)

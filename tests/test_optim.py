@@ -448,29 +448,35 @@ def test_compiled_step_follows_an_lr_schedule():
         torch.testing.assert_close(a, b)
 
 
+FINITE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # the check has a CPU and a GPU branch
+
+
+@pytest.mark.parametrize("device", FINITE_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_finite_check_has_no_overflow(dtype):
+def test_finite_check_has_no_overflow(dtype, device):
     """Gradients at the top of their dtype's range are finite (no sum or square to overflow); one inf, -inf
     or nan anywhere is not."""
     from disco_kernels._finite import finite_mask
     big = torch.finfo(dtype).max
-    grads = [torch.full((5, 7), big, dtype=dtype), torch.full((3,), -big, dtype=dtype), torch.tensor(big, dtype=dtype)]
+    grads = [torch.full((5, 7), big, dtype=dtype, device=device), torch.full((3,), -big, dtype=dtype, device=device),
+             torch.tensor(big, dtype=dtype, device=device)]
     assert finite_mask(grads).tolist() == [True, True, True]
     for bad in (math.inf, -math.inf, math.nan):
-        g = torch.zeros(4, 9, dtype=dtype)
+        g = torch.zeros(4, 9, dtype=dtype, device=device)
         g[2, 5] = bad
         assert finite_mask([grads[0], g]).tolist() == [True, False]
-    p = torch.nn.Parameter(torch.zeros(5, 7, dtype=dtype))
+    p = torch.nn.Parameter(torch.zeros(5, 7, dtype=dtype, device=device))
     p.grad = grads[0].clone()
     dk.Scion([p], norm="Sign", lr=0.0).step()  # raises if the check overflowed
 
 
-def test_finite_check_mixed_dtypes():
+@pytest.mark.parametrize("device", FINITE_DEVICES)
+def test_finite_check_mixed_dtypes(device):
     """One check over grads of several dtypes: values are promoted, never narrowed (1e300 stays finite)."""
     from disco_kernels._finite import finite_mask
     grads = [torch.full((3,), 6e4, dtype=torch.float16), torch.full((2, 2), 1e300, dtype=torch.float64),
              torch.tensor([1.0, math.nan], dtype=torch.bfloat16), torch.tensor(-math.inf)]
-    assert finite_mask(grads).tolist() == [True, True, False, False]
+    assert finite_mask([g.to(device) for g in grads]).tolist() == [True, True, False, False]
 
 
 @pytest.mark.gpu
