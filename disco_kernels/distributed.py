@@ -29,7 +29,6 @@ rank fail validation, which params have gradients, and which are non-finite.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import heapq
 import math
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ._backend import on_device
 from ._finite import finite_mask
 from .lmo import BiasRMS, ColNorm, RowNorm, Sign
 
@@ -389,7 +389,7 @@ def _raise_agreed(group, err, device) -> None:
     mine = None if err is None else (type(err).__name__, str(err))
     gathered = [None] * world
     # NCCL object collectives use the current CUDA device: make it the params' one
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with on_device(device):
         dist.all_gather_object(gathered, mine, group=group)
     src = next((r for r, e in enumerate(gathered) if e is not None), None)
     if src is None:
