@@ -14,10 +14,10 @@ from collections import defaultdict
 
 import torch
 
-from . import _backend, reference
+from . import reference
 from .ops import newton_schulz
-from .ops.fused_update import KERNELS as FUSED_KERNELS, cuda_unsupported as fused_unsupported
-from .ops.newton_schulz import KERNELS as NS_KERNELS, cuda_unsupported as ns_unsupported
+from .ops.fused_update import choose_backend as fused_backend
+from .ops.newton_schulz import choose_backend as ns_backend
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -65,9 +65,7 @@ class Norm:
         """Raise the error that a forced ``backend`` would raise on a param of full ``shape``, local
         tensor ``p`` and gradient ``g``, so that a step can fail before it modifies anything."""
         flags = {"normalized": True, "transpose": False, **self.flags()}
-        _backend.resolve(backend, p.device, "fused_update", FUSED_KERNELS,
-                         lambda: fused_unsupported([p], [g], None, self.fused, flags["transpose"], flags["normalized"],
-                                                   False), name)
+        fused_backend(backend, [p], [g], None, self.fused, flags["transpose"], flags["normalized"], False, name)
 
 
 def _orthogonal_like(w: torch.Tensor) -> torch.Tensor:
@@ -98,8 +96,7 @@ class _NewtonSchulzNorm(Norm):
     def check_backend(self, backend, shape, p, g, name="g"):
         """As ``Norm.check_backend``, for ``newton_schulz`` on the whole matrix."""
         G = g.new_empty(()).expand(shape[0], math.prod(shape[1:]))  # the matrix's shape, dtype and device
-        _backend.resolve(backend, G.device, "newton_schulz", NS_KERNELS,
-                         lambda: ns_unsupported(G, self.dtype, self.steps), name)
+        ns_backend(backend, G, self.dtype, self.steps, name)
 
     def _ns(self, g, backend):
         return newton_schulz(g, self.steps, self.coefficients, dtype=self.dtype, backend=backend)

@@ -98,6 +98,13 @@ def cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light) -> 
     return None
 
 
+def choose_backend(backend, params, grads, bufs, lmo, transpose, normalized, light, subject="") -> str:
+    """The backend that runs this group's update (``_backend.resolve``; raises as a forced one that
+    cannot would, the error naming ``subject``)."""
+    return _backend.resolve(backend, params[0].device, "fused_update", KERNELS,
+                            lambda: cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light), subject)
+
+
 def _cuda(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light):
     ext = _backend.cuda_extension()
     has_buf = bool(bufs) and not light
@@ -141,8 +148,7 @@ def _fused_update_op(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
                      transpose: bool, light: bool, backend: str) -> None:
     if not params:
         return
-    impl = _backend.resolve(backend, params[0].device, "fused_update", KERNELS,
-                            lambda: cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light))
+    impl = choose_backend(backend, params, grads, bufs, lmo, transpose, normalized, light)
     with _backend.on_device(params[0].device):
         _IMPLS[impl](params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
 

@@ -81,6 +81,13 @@ def cuda_unsupported(G: torch.Tensor, dtype: torch.dtype, steps: int) -> str | N
     return None
 
 
+def choose_backend(backend: str, G: torch.Tensor, dtype: torch.dtype, steps: int, subject: str = "") -> str:
+    """The backend that runs ``steps`` steps on G in ``dtype`` (``_backend.resolve``; raises as a forced
+    one that cannot would), the error naming ``subject`` (default: G's shape)."""
+    return _backend.resolve(backend, G.device, "newton_schulz", KERNELS, lambda: cuda_unsupported(G, dtype, steps),
+                            subject or f"G of shape {tuple(G.shape)}")
+
+
 def _cuda(G, triples, mult, eps, dtype):
     ext = _backend.cuda_extension()
     m, n = G.shape[-2:]
@@ -105,8 +112,7 @@ _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 def _newton_schulz_op(G: torch.Tensor, coefficients: list[float], norm_mult: float, norm_eps: float,
                       dtype: torch.dtype, backend: str) -> torch.Tensor:
     triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
-    impl = _backend.resolve(backend, G.device, "newton_schulz", KERNELS,
-                            lambda: cuda_unsupported(G, dtype, len(triples)), f"G of shape {tuple(G.shape)}")
+    impl = choose_backend(backend, G, dtype, len(triples))
     with _backend.on_device(G.device):
         return _IMPLS[impl](G, triples, norm_mult, norm_eps, dtype)
 
