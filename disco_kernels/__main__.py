@@ -50,6 +50,9 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}); backends: {', '.join(_backend.available_backends(device))}")
+    for backend in ("triton", "cuda"):
+        if (why := _backend.backend_unavailable(backend, torch.device(device))) is not None:
+            print(f"  {backend} unavailable: {why}")
     ok = True
     for what, passed, detail in self_check():
         ok &= passed

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import disco_kernels as dk
 
@@ -45,6 +46,8 @@ def test_cli_self_check():
     out = subprocess.run([sys.executable, "-m", "disco_kernels"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "self-check newton_schulz[torch]" in out.stdout and "FAIL" not in out.stdout
+    if not torch.cuda.is_available():  # each backend it cannot use is named, with the reason
+        assert "cuda unavailable: " in out.stdout
 
 
 def test_public_names():
