@@ -106,30 +106,21 @@ class _NewtonSchulzNorm(Norm):
         return self._ns(g.reshape(g.size(0), -1), backend).view(g.shape) * self.scale_for(g.shape)
 
     def lmo_many(self, gs, *, backend="auto"):
-        """One batched Newton-Schulz call per matrix shape up to a transpose: a tall matrix joins the
-        wide ones of its transposed shape (the iteration runs on Gᵀ anyway), e.g. an MLP's up and
-        down projections share a batch."""
+        """Same-shaped tensors go through one batched Newton-Schulz call."""
         by_shape = defaultdict(list)
         for i, g in enumerate(gs):
             self.check(g.shape)
-            by_shape[tuple(sorted((g.size(0), g[0].numel())))].append(i)
+            by_shape[tuple(g.shape)].append(i)
         out = [None] * len(gs)
-        for idx in by_shape.values():
+        for shape, idx in by_shape.items():
             if len(idx) == 1:
                 out[idx[0]] = self.lmo(gs[idx[0]], backend=backend)
                 continue
-            wide = [_wide(gs[i].reshape(gs[i].size(0), -1)) for i in idx]
-            X = self._ns(torch.stack(wide), backend)
+            batch = torch.stack([gs[i].reshape(shape[0], -1) for i in idx])
+            X = self._ns(batch, backend) * self.scale_for(shape)
             for i, x in zip(idx, X.unbind(0)):
-                g = gs[i]
-                x = x * self.scale_for(g.shape)
-                out[i] = (x.mT if g.size(0) > g[0].numel() else x).reshape(g.shape)
+                out[i] = x.view(shape)
         return out
-
-
-def _wide(g: torch.Tensor) -> torch.Tensor:
-    """g, or gᵀ when g is tall: the orientation Newton-Schulz iterates in."""
-    return g.mT if g.size(0) > g.size(1) else g
 
 
 class Spectral(_NewtonSchulzNorm):
