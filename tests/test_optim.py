@@ -428,6 +428,26 @@ def test_compiled_step_matches_eager():
         assert rel_err(a, b) < 1e3 * unit(torch.float64)
 
 
+def test_inductor_step_with_batched_tall_matrices():
+    """Inductor compiles a step whose bf16 Newton-Schulz batches tall matrices (an MLP's up projections)
+    to the eager numbers. Transposing the bf16 batch outside the op once made inductor's CPU code
+    read it wrongly (NaN weights), so the transposes stay inside the op."""
+    def run(compile_):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(96, 32)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(32, 96))]
+        opt = dk.Scion(ps, lr=0.1, norm="Spectral", momentum=0.5, unconstrained=True, nonfinite="ignore")
+        step = torch.compile(opt.step, fullgraph=True) if compile_ else opt.step
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            step()
+        return [p.detach().clone() for p in ps]
+
+    for a, b in zip(run(True), run(False)):
+        assert a.isfinite().all()
+        assert rel_err(a, b) < elementwise_tol(torch.bfloat16, 2)
+
+
 def test_compiled_step_follows_an_lr_schedule():
     """A compiled step whose lr changes every step (a schedule) traces without error and takes the eager steps."""
     def run(compile_):
