@@ -41,7 +41,8 @@ class Norm:
         """Raise ValueError when this norm cannot take a tensor of ``shape``."""
         if len(shape) not in self.ndims:
             ranks = " or ".join(f"{d}-D" for d in self.ndims)
-            raise ValueError(f"{type(self).__name__} needs a {ranks} tensor, but {name} has shape {tuple(shape)}")
+            raise ValueError(f"{type(self).__name__} needs a {ranks} tensor, but {name} has shape {tuple(shape)} "
+                             "(norm='Auto' picks the norm by rank; disco_kernels.param_groups(model) groups a model)")
 
     def resolve(self, shape) -> "Norm":
         """The concrete norm that handles a tensor of ``shape`` (itself, except for Auto)."""

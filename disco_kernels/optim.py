@@ -42,10 +42,13 @@ class _Part:
     grads: list
 
 
+def _param_where(names, gi: int, i: int) -> str:
+    """A param's name, or where it sits: param_groups[gi]['params'][i]."""
+    return repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
+
+
 def _param_name(group: dict, i: int, p: torch.Tensor, gi: int) -> str:
-    names = group.get("param_names")
-    where = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
-    return f"{where} (shape {tuple(p.shape)})"
+    return f"{_param_where(group.get('param_names'), gi, i)} (shape {tuple(p.shape)})"
 
 
 def _check_hyper(group: dict) -> Norm:
@@ -124,8 +127,7 @@ class Scion(torch.optim.Optimizer):
         for i, p in enumerate(params):
             p = p[1] if isinstance(p, tuple) else p
             if isinstance(p, torch.Tensor):
-                where = repr(names[i]) if names else f"params[{i}]"
-                norm.check(p.shape, f"{where} (shape {tuple(p.shape)})")
+                norm.check(p.shape, _param_where(names, len(self.param_groups), i))
         super().add_param_group({**param_group, "params": params, "norm_kwargs": merged["norm_kwargs"]})
 
     # -- step -----------------------------------------------------------------
@@ -144,7 +146,7 @@ class Scion(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise ValueError(f"Scion does not support sparse gradients: {_param_name(group, i, p, gi)}")
                 concrete = norm.resolve(p.shape)
-                concrete.check(p.shape, _param_name(group, i, p, gi))
+                concrete.check(p.shape, _param_where(group.get("param_names"), gi, i))
                 if self.backend != "auto" and not torch.compiler.is_compiling():  # (the ops check it when compiled)
                     concrete.check_backend(self.backend, p.shape, *local([p, g]), _param_name(group, i, p, gi))
                 part = by_norm.setdefault((id(concrete), seen[id(p)]), _Part(group, concrete, [], []))

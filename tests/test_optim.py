@@ -3,6 +3,7 @@ training smoke tests, state round trips, and bad input leaving everything untouc
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -321,9 +322,14 @@ def test_constructor_errors(kwargs, match):
 
 @pytest.mark.parametrize("norm,shape", [("Spectral", (5,)), ("Sign", (2, 3, 4)), ("BiasRMS", (3, 3))])
 def test_wrong_rank_names_param(norm, shape):
-    with pytest.raises(ValueError, match=rf"{norm} needs .*'w1' \(shape"):
+    """The error names the param (or its place), its shape once, and the ways out."""
+    shape_re = re.escape(str(tuple(shape)))
+    with pytest.raises(ValueError, match=rf"{norm} needs .* but 'w1' has shape {shape_re} \(norm='Auto'"):
         dk.Scion([("w0", torch.nn.Parameter(torch.randn(3, 3) if norm != "BiasRMS" else torch.randn(3))),
                   ("w1", torch.nn.Parameter(torch.randn(shape)))], norm=norm)
+    with pytest.raises(ValueError, match=rf"but param_groups\[1\]\['params'\]\[0\] has shape {shape_re} "):
+        dk.Scion([{"params": [torch.nn.Parameter(torch.randn(3, 3))]},
+                  {"params": iter([torch.nn.Parameter(torch.randn(shape))]), "norm": norm}])
 
 
 def test_add_param_group_validates():
