@@ -141,14 +141,15 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step} (lr {lr} too large?)")
         norm = monitor.latest.get("output/log2_rms_to_inf", math.nan)
+        shown = "-" if math.isnan(norm) else f"{norm:.2f}"  # (no record yet)
         rows.append({"step": step, "tokens": step * batch_size * seq_len * world_size, "lr": lr, "loss": loss,
                      "log2_output_norm": norm, "seconds": step_seconds})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tokens=rows[-1]["tokens"], log2_out=f"{norm:.2f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tokens=rows[-1]["tokens"], log2_out=shown)
         elif rank == 0 and progress and (step % every_print == 0 or step == steps):
             log(f"step {step}/{steps}  loss {loss:.3f}  lr {lr:.3g}  tokens {rows[-1]['tokens']}  "
-                f"log2|W_out| {norm:.2f}")
+                f"log2|W_out| {shown}")
     if bar is not None:
         bar.close()
     summary = {"preset": preset, "lr": lr, "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
@@ -298,7 +299,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         (out / "summary.json").write_text(json.dumps(run["summary"], indent=2))
         plot_run(run, out / "train.png")
         s = run["summary"]
-        print(f"loss {s['first_loss']:.3f} -> {s['final_train_loss']:.3f} (val {s['val_loss']:.3f}); "
+        print(f"loss {s['first_loss']:.3f} -> {s['final_train_loss']:.3f} (mean of the last 10 steps; "
+              f"val {s['val_loss']:.3f}); "
               f"log2 |W_out|_(RMS->inf) {s['log2_output_norm']:.2f}; {s['seconds_per_step'] * 1e3:.0f} ms/step, "
               f"monitor {100 * s['monitor_share']:.2f}% of step time; outputs in {out}")
     return 0

@@ -23,7 +23,9 @@ LMOS = ("Sign", "RowNorm", "ColNorm", "BiasRMS")
 def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor] | None = None, *,
                  lmo: str, lr: float, momentum: float = 1.0, scale: float = 1.0, unconstrained: bool = False,
                  normalized: bool = True, transpose: bool = False, light: bool = False, backend: str = "auto") -> None:
-    """Apply one Scion step in place to ``params`` (see the module docstring)."""
+    """Apply one Scion step in place to ``params`` (see the module docstring). ``normalized`` and
+    ``transpose`` are the LMO's flags; note that ``normalized`` defaults to True here for every lmo,
+    while the ``ColNorm`` norm class defaults to False (pass it explicitly for ColNorm)."""
     if lmo not in LMOS:
         raise ValueError(f"lmo must be one of {LMOS}, got {lmo!r}")
     if len(grads) != len(params) or (bufs is not None and len(bufs) != len(params)):

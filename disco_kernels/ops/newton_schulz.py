@@ -23,7 +23,18 @@ CUDA_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", *, dtype: torch.dtype | None = None,
                   backend: str = "auto") -> torch.Tensor:
-    """Orthogonalise (m, n) or (..., m, n) ``G`` with ``steps`` Newton-Schulz steps."""
+    """Orthogonalise (m, n) or (..., m, n) ``G`` with ``steps`` Newton-Schulz steps, per matrix.
+
+    coefficients: "jordan" (3.4445, -4.7750, 2.0315 every step), "polar_express" (Amsel et al. 2025,
+    the last triple repeating past 5 steps) or a list of (a, b, c) triples, one per step.
+    dtype: the dtype the iteration runs and returns in (default G's; ``Spectral`` uses bfloat16,
+    as the reference); products accumulate in fp32 (fp64 for fp64). The result has G's shape,
+    is contiguous, and is 0 where G is 0. backend: "auto", "torch", "triton" or "cuda".
+
+    Example::
+
+        X = newton_schulz(torch.randn(8, 256, 512), steps=5, dtype=torch.bfloat16)
+    """
     if not isinstance(G, torch.Tensor):
         raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
     if G.dim() < 2:
