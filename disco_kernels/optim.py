@@ -117,6 +117,10 @@ class Scion(torch.optim.Optimizer):
         if merged["norm_kwargs"] is None:
             merged["norm_kwargs"] = {}
         norm = _check_hyper(merged)
+        if merged["momentum"] == 0:
+            warnings.warn("momentum=0 keeps the momentum buffer at zero, so no gradient reaches the weights "
+                          "(momentum is one minus the usual factor: 0.1 means 0.9 in torch.optim.SGD terms)",
+                          UserWarning, stacklevel=3)
         params = param_group["params"]
         if not isinstance(params, set):  # torch rejects a set; a generator can be read only once
             params = [params] if isinstance(params, torch.Tensor) else list(params)

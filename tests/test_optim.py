@@ -332,6 +332,12 @@ def test_wrong_rank_names_param(norm, shape):
                   {"params": iter([torch.nn.Parameter(torch.randn(shape))]), "norm": norm}])
 
 
+def test_momentum_zero_warns():
+    """momentum is one minus the usual factor: 0 never lets a gradient in (legal, as in the reference, but a trap)."""
+    with pytest.warns(UserWarning, match="momentum=0 keeps the momentum buffer at zero"):
+        dk.Scion([torch.nn.Parameter(torch.randn(3, 3))], momentum=0.0)
+
+
 def test_add_param_group_validates():
     opt = dk.Scion([torch.nn.Parameter(torch.randn(3, 3))])
     with pytest.raises(ValueError, match="lr must be"):
