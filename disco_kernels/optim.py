@@ -131,7 +131,11 @@ class Scion(torch.optim.Optimizer):
         for i, p in enumerate(params):
             p = p[1] if isinstance(p, tuple) else p
             if isinstance(p, torch.Tensor):
-                norm.check(p.shape, _param_where(names, len(self.param_groups), i))
+                where = _param_where(names, len(self.param_groups), i)
+                norm.check(p.shape, where)
+                if self.backend != "auto":  # a forced backend that cannot run these params fails now, not at step 1
+                    local_p = local([p.detach()])[0]
+                    norm.resolve(p.shape).check_backend(self.backend, p.shape, local_p, local_p, where)
         super().add_param_group({**param_group, "params": params, "norm_kwargs": merged["norm_kwargs"]})
 
     # -- step -----------------------------------------------------------------

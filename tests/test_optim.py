@@ -332,6 +332,17 @@ def test_wrong_rank_names_param(norm, shape):
                   {"params": iter([torch.nn.Parameter(torch.randn(shape))]), "norm": norm}])
 
 
+def test_forced_backend_that_cannot_run_fails_at_construction():
+    """Like a bad lr: a backend that cannot run these params is an error when the optimizer is built."""
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA backend can run here")
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    for norm in ("Spectral", "Sign"):
+        with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+            dk.Scion([w], norm=norm, backend="cuda")
+    dk.Scion([w], norm="Sign", backend="torch")  # (and auto never raises)
+
+
 def test_momentum_zero_warns():
     """momentum is one minus the usual factor: 0 never lets a gradient in (legal, as in the reference, but a trap)."""
     with pytest.warns(UserWarning, match="momentum=0 keeps the momentum buffer at zero"):
@@ -566,7 +577,8 @@ def test_unavailable_backend_fails_before_any_state():
     before = [a.detach().clone(), b.detach().clone()]
     for groups in ([{"params": [a], "norm": "Spectral"}, {"params": [b], "norm": "Sign"}],
                    [{"params": [b], "norm": "Sign"}, {"params": [a], "norm": "Spectral"}]):
-        opt = dk.Scion(groups, momentum=0.5, backend="cuda")  # CPU tensors: never runnable
+        opt = dk.Scion(groups, momentum=0.5)
+        opt.backend = "cuda"  # forced after construction (which would refuse it): CPU tensors are never runnable
         with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
             opt.step()
         assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
