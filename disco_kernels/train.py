@@ -91,10 +91,11 @@ def _distributed(device: str):
     device = torch.device("cuda", local) if device == "cuda" else torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized() and device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device)  # binds NCCL to this rank's GPU
-    elif not dist.is_initialized():
-        dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)  # binds NCCL to this rank's GPU
+        else:
+            dist.init_process_group("gloo")
     return dist.get_rank(), world, device
 
 
