@@ -1,30 +1,59 @@
-"""Tolerances derived from the dtype, never tuned by trial and error.
+"""The one tolerance rule of the suite.
 
-``unit(dtype)`` is the unit roundoff u = eps / 2. An op whose output entries are
-O(1) and whose computation has depth k (sums of k terms, k chained steps)
-carries an error of about k·u; the helpers below state that bound.
+A fast path in dtype d may be at most ``RATIO`` times as far from the exact (fp64) answer as the
+plain torch computation of the same math in d (the oracle run on the same inputs rounded to d),
+plus ``ULPS`` units of roundoff of d for the output's own rounding and reordered sums:
+
+    rel_err(fast, exact) <= RATIO * rel_err(plain_d, exact) + ULPS * unit(d)
+
+In fp64 the exact answer is the oracle's fp64 result, itself off by a plain computation's error:
+there ``plain`` is the fp32 computation, its error scaled by u(fp64) / u(fp32) (rounding errors
+grow linearly in u) estimates the fp64 one, and it is counted once more for the oracle's own.
+
+Errors are normwise (Frobenius) relative errors in fp64. No test states a tolerance of its own.
 """
-import math
-
 import torch
+
+RATIO = 1.25  # a fast path may be this much less exact than plain torch in the same dtype
+ULPS = 4  # one rounding of the output, and sums taken in another order
 
 
 def unit(dtype: torch.dtype) -> float:
-    """Unit roundoff of ``dtype`` (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32, 2^-53 for fp64)."""
+    """Unit roundoff u = eps / 2: 2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32, 2^-53 for fp64."""
     return torch.finfo(dtype).eps / 2
 
 
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in fp64 (absolute when ref is 0; NaN anywhere gives NaN, which fails any bound)."""
+    x, ref = torch.as_tensor(x).double(), torch.as_tensor(ref).double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def bound(plain: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """The error a fast path in ``dtype`` may have against ``exact``, given the plain computation's
+    result (in ``dtype``; in fp32 when ``dtype`` is fp64)."""
+    if dtype == torch.float64:
+        plain_err = rel_err(plain, exact) * unit(torch.float64) / unit(torch.float32)
+        return (RATIO + 1) * plain_err + ULPS * unit(dtype)
+    return RATIO * rel_err(plain, exact) + ULPS * unit(dtype)
+
+
+def assert_close(fast: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype | None = None,
+                 what: str = "result") -> None:
+    """Assert the rule for ``fast`` (computed in ``dtype``, default its own) against ``exact`` and ``plain``
+    (the oracle in ``dtype``, or in fp32 for an fp64 ``fast``)."""
+    dtype = dtype or fast.dtype
+    err, limit = rel_err(fast, exact), bound(plain, exact, dtype)
+    assert err <= limit, (f"{what}: error {err:.3g} vs fp64 exceeds the bound {limit:.3g} (plain torch's error "
+                          f"{rel_err(plain, exact):.3g}, {dtype})")
+
+
+# -- being retired: blanket multiples of u, replaced by the rule above file by file --
+
 def elementwise_tol(dtype: torch.dtype, depth: int = 1) -> float:
-    """Relative tolerance for results of O(depth) roundings in ``dtype`` (plus fp32 math inside)."""
     return 4 * depth * unit(dtype) + 8 * unit(torch.float32)
 
 
 def reduction_tol(dtype: torch.dtype, n: int) -> float:
-    """Relative tolerance for a reduction of n terms in ``dtype`` (pairwise sums: log2 n depth)."""
+    import math
     return elementwise_tol(dtype, 2 + math.ceil(math.log2(max(n, 2))))
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / max(||ref||, tiny), in float64."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
