@@ -11,6 +11,7 @@ Norm names and keyword arguments are those of the reference Scion (LIONS-EPFL/sc
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -79,11 +80,16 @@ def spectral(g, max=False, normalized=True, steps=5, coefficients="jordan", dtyp
     return X * spectral_scale(g.size(0), g.size(1), normalized, max)
 
 
+def spectral_conv_scale(shape):
+    """sqrt(c_out / c_in) / k (3-D) or / k² (4-D), k = shape[2] (the reference reads k from dim 2 alone)."""
+    k = shape[2] if len(shape) == 3 else shape[2] ** 2
+    return math.sqrt(shape[0] / shape[1]) / k
+
+
 def spectral_conv(g, steps=5, coefficients="jordan", dtype=None):
-    """NS of (c_out, c_in, k[, k]) g reshaped to (c_out, -1), times sqrt(c_out / c_in) / k (3-D) or / k² (4-D)."""
+    """NS of (c_out, c_in, k[, k]) g reshaped to (c_out, -1), times ``spectral_conv_scale``."""
     X = newton_schulz(g.reshape(g.size(0), -1), steps, coefficients, dtype).reshape(g.shape)
-    k = g.size(2) if g.dim() == 3 else g.size(2) * g.size(3)
-    return X * (math.sqrt(g.size(0) / g.size(1)) / k)
+    return X * spectral_conv_scale(g.shape)
 
 
 def colnorm(g, normalized=False, transpose=False):
@@ -173,17 +179,40 @@ def scion_run(params, grads_per_step, groups, light=False):
     return ps
 
 
-# -- init ------------------------------------------------------------------------------------
+# -- init ---------------------------------------------------------------------------------------
 
-def init_line_norm(norm, shape, **kwargs):
-    """The l2 norm that init gives each line (before the group scale): ColNorm's columns (rows of the
-    transposed weight), RowNorm's rows; None for the other norms."""
-    if norm not in ("ColNorm", "RowNorm"):
-        return None
-    d_out, d_in = shape[::-1] if kwargs.get("transpose") else shape
+def init(norm, shape, dtype=torch.float32, compute=torch.float64, **kwargs):
+    """The reference's init of a ``dtype`` weight of ``shape`` (before the group scale), drawing the same
+    random numbers in the same order from torch's generator, with the arithmetic in ``compute``:
+    Spectral / SpectralConv orthogonal (fp64 draw, each tap of a conv) times the LMO's scale;
+    ColNorm / RowNorm Gaussian (drawn in ``dtype``) with each column (row) of the (transposed) weight
+    scaled to sqrt(d_out) (/ d_in when normalized) or 1 (/ sqrt(d_in) when normalized); Sign ±1
+    (/ d_in when normalized; zeros when zero_init); BiasRMS zeros. Auto picks by rank as ``auto``."""
+    if norm == "Auto":
+        norm = {0: "BiasRMS", 1: "BiasRMS", 2: "Spectral"}.get(len(shape), "SpectralConv")
+        kwargs = {k: v for k, v in kwargs.items() if k in ("max", "normalized")}
+    if norm == "BiasRMS" or (norm == "Sign" and kwargs.get("zero_init")):
+        return torch.zeros(shape, dtype=compute)
+    if norm == "Spectral":
+        w = torch.nn.init.orthogonal_(torch.empty(shape, dtype=torch.float64)).to(compute)
+        return w * spectral_scale(*shape, kwargs.get("normalized", True), kwargs.get("max", False))
+    if norm == "SpectralConv":
+        w = torch.empty(shape, dtype=torch.float64)
+        for tap in itertools.product(*map(range, shape[2:])):
+            torch.nn.init.orthogonal_(w[(slice(None), slice(None), *tap)])
+        return w.to(compute) * spectral_conv_scale(shape)
+    if norm == "Sign":
+        w = (2 * torch.randint(0, 2, shape, dtype=dtype) - 1).to(compute)
+        return w / shape[1] if kwargs.get("normalized", True) else w
+    transpose = kwargs.get("transpose", False)
+    w = torch.empty(shape, dtype=dtype)
+    w = torch.nn.init.normal_(w.mT if transpose else w).to(compute)  # drawn into the transposed view
+    d_out, d_in = w.shape
     if norm == "ColNorm":
-        return math.sqrt(d_out) / (d_in if kwargs.get("normalized", False) else 1)
-    return 1 / math.sqrt(d_in) if kwargs.get("normalized", True) else 1.0
+        w = w / w.pow(2).sum(0, keepdim=True).sqrt() * (math.sqrt(d_out) / (d_in if kwargs.get("normalized") else 1))
+    else:
+        w = w / w.pow(2).sum(1, keepdim=True).sqrt() / (math.sqrt(d_in) if kwargs.get("normalized", True) else 1)
+    return w.mT if transpose else w
 
 
 # -- power iteration ---------------------------------------------------------------------------
