@@ -217,9 +217,9 @@ def init(norm, shape, dtype=torch.float32, compute=torch.float64, **kwargs):
 
 # -- power iteration ---------------------------------------------------------------------------
 
-def start_vector(n):
+def start_vector(n, dtype=torch.float64):
     """The documented deterministic start: v_j ∝ sin(1 + j · 2.399963229728653) (the golden angle)."""
-    v = torch.sin(1.0 + 2.399963229728653 * torch.arange(n, dtype=torch.float64))
+    v = torch.sin(1.0 + 2.399963229728653 * torch.arange(n, dtype=dtype))
     return v / v.norm()
 
 

@@ -29,6 +29,11 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def plain_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the plain computation that a fast path in ``dtype`` is held to (fp32 for fp64)."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
 def bound(plain: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
     """The error a fast path in ``dtype`` may have against ``exact``, given the plain computation's
     result (in ``dtype``; in fp32 when ``dtype`` is fp64)."""
