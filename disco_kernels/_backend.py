@@ -2,6 +2,9 @@
 
 Nothing here touches a GPU at import. Triton and the compiled extension are
 imported lazily, the first time a backend is asked for.
+
+On a GPU, "auto" takes only backends that a GPU run has verified on that GPU's compute
+capability (``_verified.VERIFIED``; ``DISCO_TRUST_UNVERIFIED=1`` trusts them all).
 """
 from __future__ import annotations
 
@@ -10,10 +13,15 @@ import functools
 import importlib
 import os
 import re
+import warnings
 
 import torch
 
+from . import _verified
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton")  # what "auto" tries on a CUDA tensor, in this order, before torch
+TRUST_ENV = "DISCO_TRUST_UNVERIFIED"
 # The Triton kernels use bf16 tensor-core dots and cp.async pipelining: Ampere (8.0) or newer.
 MIN_TRITON_CAPABILITY = (8, 0)
 
@@ -120,10 +128,48 @@ def unavailable_reason(backend: str, device: torch.device, op: str, kernels: tup
     return None
 
 
+class UnverifiedBackendWarning(UserWarning):
+    """A forced backend runs on a GPU where no GPU run has verified it."""
+
+
+def trust_unverified() -> bool:
+    """True when DISCO_TRUST_UNVERIFIED=1: "auto" takes unverified backends too (GPU test sessions)."""
+    return os.environ.get(TRUST_ENV) == "1"
+
+
+def unverified_reason(backend: str, device: torch.device) -> str | None:
+    """Why "auto" passes over ``backend`` on ``device`` although it may run there: no GPU run has
+    passed its GPU tests on this compute capability (None when one has, off CUDA, for torch, or trusted)."""
+    if backend == "torch" or device.type != "cuda" or trust_unverified():
+        return None
+    cc = capability(device)
+    if _verified.record_for(backend, cc) is not None:
+        return None
+    return (f"{backend} is not verified on compute capability {cc[0]}.{cc[1]}: no GPU run has passed its GPU tests "
+            f"there (disco_kernels/_verified.py; {TRUST_ENV}=1 lets auto take it anyway)")
+
+
+_warned: set[tuple[str, tuple[int, int]]] = set()
+
+
+def _warn_unverified(backend: str, device: torch.device) -> None:
+    why = unverified_reason(backend, device)
+    if why is not None and (key := (backend, capability(device))) not in _warned:
+        _warned.add(key)
+        warnings.warn(f"backend={backend!r} forced: {why}", UnverifiedBackendWarning, stacklevel=3)
+
+
+def auto_skip_reason(backend: str, device: torch.device, op: str, kernels: tuple[str, ...]) -> str | None:
+    """Why "auto" does not take ``backend`` for ``op`` on ``device`` whatever the input (None when it may)."""
+    return unavailable_reason(backend, device, op, kernels) or unverified_reason(backend, device)
+
+
 def resolve(backend: str, device: torch.device, op: str, kernels: tuple[str, ...], cuda_unsupported=None,
             subject: str = "") -> str:
-    """Pick the backend that runs ``op``: forced ones must be available; "auto" takes
-    the CUDA kernel, then Triton, then torch, on CUDA tensors, and torch elsewhere.
+    """Pick the backend that runs ``op``: forced ones must be available (an unverified one runs,
+    with one ``UnverifiedBackendWarning`` per backend and compute capability); "auto" takes the
+    CUDA kernel, then Triton, then torch, on CUDA tensors, each only where available and verified
+    (``unverified_reason``), and torch elsewhere.
     ``cuda_unsupported()``, when given, says why the CUDA kernel cannot take this input
     (None when it can): "auto" then passes it over, a forced "cuda" raises ValueError
     naming ``subject`` (e.g. "G of shape (4, 5)")."""
@@ -134,8 +180,8 @@ def resolve(backend: str, device: torch.device, op: str, kernels: tuple[str, ...
 
     if backend == "auto":
         if device.type == "cuda":
-            for cand in ("cuda", "triton"):
-                if unavailable_reason(cand, device, op, kernels) is None and input_fits(cand):
+            for cand in AUTO_ORDER:
+                if auto_skip_reason(cand, device, op, kernels) is None and input_fits(cand):
                     return cand
         return "torch"
     reason = unavailable_reason(backend, device, op, kernels)
@@ -143,10 +189,12 @@ def resolve(backend: str, device: torch.device, op: str, kernels: tuple[str, ...
         raise RuntimeError(f"backend={backend!r} is unavailable for {op}: {reason}")
     if not input_fits(backend):
         raise ValueError(f"backend='cuda' cannot run {op}{' on ' + subject if subject else ''}: {cuda_unsupported()}")
+    _warn_unverified(backend, device)
     return backend
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run kernels on ``device`` (whatever the op)."""
+    """The backends that can run kernels on ``device`` (whatever the op), verified or not: a forced
+    one runs; "auto" takes only verified ones (``unverified_reason``)."""
     device = torch.device(device)
     return [b for b in ("torch", "triton", "cuda") if backend_unavailable(b, device) is None]
