@@ -152,8 +152,8 @@ def scion_run(params, grads_per_step, groups, light=False):
 
     ``groups[i]`` is param i's group: lr, momentum, scale, unconstrained, norm, norm_kwargs.
     Scion: buf = (1 - momentum) buf + momentum g (no buffer when momentum == 1), step along buf.
-    ScionLight: the carried p.grad accumulates g, the step goes along it, then it is scaled by
-    (1 - momentum); a step without grad drops it. Returns the final params."""
+    ScionLight: the carried p.grad accumulates g (as a backward does), the step goes along it, then it
+    is scaled by (1 - momentum) unless momentum == 1; a step without grad drops it. Returns the final params."""
     ps = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(p) for p in ps]
     for grads in grads_per_step:
@@ -174,7 +174,7 @@ def scion_run(params, grads_per_step, groups, light=False):
             ps[i] = scion_step(ps[i], d, lr=grp["lr"], scale=grp.get("scale", 1.0),
                                unconstrained=grp.get("unconstrained", False), norm=grp.get("norm", "Auto"),
                                norm_kwargs=grp.get("norm_kwargs"))
-            if light:
+            if light and m != 1:  # (with momentum 1 the reference leaves p.grad as it is)
                 bufs[i] = bufs[i] * (1 - m)
     return ps
 
