@@ -11,6 +11,9 @@ there ``plain`` is the fp32 computation, its error scaled by u(fp64) / u(fp32) (
 grow linearly in u) estimates the fp64 one, and it is counted once more for the oracle's own.
 
 Errors are normwise (Frobenius) relative errors in fp64. No test states a tolerance of its own.
+An error made of a handful of roundings is one sample of luck, not a measure of exactness: tests
+take tiny matrices in batches (a rank-1 matrix in 16-bit is one scalar trajectory whatever its
+entries, so it is checked in fp32 and fp64 only).
 """
 import torch
 
