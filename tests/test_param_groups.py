@@ -3,8 +3,10 @@ import torch
 from torch import nn
 
 import disco_kernels as dk
+import oracle
 from disco_kernels.models import NormEverywhereLM
 from disco_kernels.param_groups import classify, output_weight
+from tolerances import assert_close
 
 
 class GPT2Block(nn.Module):
@@ -75,9 +77,13 @@ def test_groups_drive_scion_on_gpt2_like():
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(before)
-    # output update: RowNorm(normalized) rows of norm 1/sqrt(d_in), times lr
+    # output update: -lr times the RowNorm(normalized) LMO of the gradient (rows of norm 1/sqrt(d_in))
+    grad = model.lm_head.weight.grad
     delta = model.lm_head.weight.detach() - before["lm_head.weight"]
-    assert torch.allclose(delta.norm(dim=1), torch.full((50,), 0.05 / 4), rtol=1e-4)
+    exact = -0.05 * oracle.rownorm(grad.double(), normalized=True)
+    # the plain computation: the same step in fp32, p - lr u, and the difference taken back out of p
+    plain = (before["lm_head.weight"] - 0.05 * oracle.rownorm(grad, normalized=True)) - before["lm_head.weight"]
+    assert_close(delta, exact, plain)
 
 
 def test_norm_everywhere_model_groups():
