@@ -7,7 +7,9 @@ and PNG plots to ``--out`` (default bench/out/{device}-{date}/) and prints a
 short table. With no flag it runs the full suite (real shapes on
 a GPU); ``--quick`` fits in two minutes on a 2-core CPU (shapes scaled down on
 CPU, and said so); ``--smoke`` is a seconds-long run on tiny shapes (the test
-suite uses it).
+suite uses it). Each case's ``rel_err`` is against the test suite's independent
+fp64 oracle (tests/oracle.py) and ``err_bound`` is the suite's one tolerance rule
+for it (tests/tolerances.py); a case beyond it gets a note.
 """
 from __future__ import annotations
 

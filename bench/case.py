@@ -13,8 +13,11 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,6 +26,32 @@ import disco_kernels as dk
 
 from .device import Device, dtype_name
 from .timing import median_seconds
+
+
+def _from_tests(name: str):
+    """``tests/<name>.py`` as the test suite imports it (top-level ``name``, one module object for both):
+    the benchmark checks against the suite's independent fp64 oracle and its one tolerance rule."""
+    path = Path(__file__).resolve().parent.parent / "tests" / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+        return loaded
+    if loaded is not None:  # another module holds the name: keep it, load ours under a private one
+        name = f"_bench_tests_{name}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+oracle = _from_tests("oracle")  # fp64 restatement of the math; imports nothing of disco_kernels
+tolerances = _from_tests("tolerances")  # rel_err and the rule: 1.25x plain torch's error in the same dtype + 4 u
+rel_err = tolerances.rel_err
+plain_dtype = tolerances.plain_dtype  # the dtype of the plain computation a result in a dtype is held to
 
 
 def kernels(op: str) -> tuple[str, ...]:
@@ -69,7 +98,7 @@ class Case:
     flops: float
     bytes: float
     bound: str                              # "compute", "memory" or "both"
-    build: Callable[[], tuple[Callable[[], object], Callable[[], float] | None]]
+    build: Callable[[], tuple[Callable[[], object], Callable[[], float] | None]]  # (timed fn, its Check or None)
     compute_dtype: torch.dtype | None = None  # the dtype the flops run in (default: dtype)
     floor_flops: float | None = None          # least FLOPs any implementation needs, when below flops
     warmup: int = 1                           # calls before timing (3 where torch.compile recompiles)
@@ -95,12 +124,48 @@ def compiled(fn):
     return torch.compile(fn)
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref||_F / ||ref||_F in float64 (0 when both are 0)."""
-    x, ref = x.double(), ref.double()
-    den = torch.linalg.vector_norm(ref).item()
-    num = torch.linalg.vector_norm(x - ref).item()
-    return num / den if den else num
+def update_term(p0: torch.Tensor, p1: torch.Tensor, lr: float, unconstrained: bool = False) -> torch.Tensor:
+    """u of a Scion step p1 = p0 (1 - lr) - lr u (no decay when unconstrained), in fp64: the error of a step
+    is that of u, which the decay lr p0 would otherwise dominate (a wrong u would pass unseen)."""
+    p0, p1 = p0.double(), p1.double()
+    return ((p0 if unconstrained else p0 * (1 - lr)) - p1) / lr
+
+
+@dataclass
+class Check:
+    """A case's error against the independent fp64 oracle (tests/oracle.py), part by part.
+
+    ``run()`` returns three {part: tensor} dicts computed from the same inputs: the case's result, the
+    oracle's in fp64 (exact), and the oracle's in ``plain_dtype(dtype)`` (the plain torch computation, the
+    yardstick of tests/tolerances.py's rule; ``dtype`` is the one the case computes in). Parts are e.g. a
+    step's param groups; "all" is every part together (the one ``rel_err`` the benchmark reports)."""
+    run: Callable[[], tuple[dict, dict, dict]]
+    dtype: torch.dtype
+
+    def _parts(self):
+        dicts = self.run()
+        if len(dicts[0]) == 1:
+            return tuple({"all": next(iter(d.values()))} for d in dicts)
+        return tuple({"all": torch.cat([t.flatten() for t in d.values()]), **d} for d in dicts)
+
+    def errors(self) -> dict[str, tuple[float, float]]:
+        """{part: (rel_err against fp64, the rule's bound for it)}, "all" first."""
+        ours, exact, plain = self._parts()
+        return {k: (rel_err(ours[k], exact[k]), tolerances.bound(plain[k], exact[k], self.dtype)) for k in ours}
+
+    def __call__(self) -> float:
+        return self.errors()["all"][0]
+
+    def assert_rule(self, what: str = "result") -> None:
+        """tests/tolerances.py's assertion for every part and for all of them together."""
+        ours, exact, plain = self._parts()
+        failed = []
+        for k in ours:
+            try:
+                tolerances.assert_close(ours[k], exact[k], plain[k], self.dtype, f"{what}, {k}")
+            except AssertionError as e:
+                failed.append(str(e))
+        assert not failed, "\n".join(failed)
 
 
 def _why(e: Exception) -> str:
@@ -117,7 +182,14 @@ def measure(case: Case, plan: Plan) -> dict:
     try:
         fn, check = case.build()
         try:
-            row["rel_err"] = check() if check is not None else math.nan
+            if isinstance(check, Check):
+                errors = check.errors()
+                row["rel_err"], row["err_bound"] = errors["all"]
+                beyond = [f"{k} {e:.3g} > {b:.3g}" for k, (e, b) in errors.items() if not e <= b]
+                if beyond:
+                    row["note"] = "error beyond the tolerance rule (tests/tolerances.py): " + ", ".join(beyond)
+            else:
+                row["rel_err"] = check() if check is not None else math.nan
         except Exception as e:
             row.update(rel_err=math.nan, note=f"error check failed: {_why(e)}")
         seconds = median_seconds(fn, plan.device.torch_device, plan.preset, case.warmup)

@@ -4,7 +4,8 @@ Ours: ``dk.ops.newton_schulz`` per backend and torch.compile of the reference
 math. Baselines: the reference Scion NS (bf16, per matrix), torch.optim.Muon's,
 and peer packages. TFLOP/s and the share of peak count plain NS (DESIGN.md);
 ``share_of_floor`` is against the symmetric floor (``shapes.ns_floor_flops``).
-Error: against fp64 NS with the same coefficients on the same input.
+Error: against tests/oracle.py's fp64 NS with the same coefficients on the same input; its bound (the
+suite's rule, tests/tolerances.py) from the oracle's NS in the dtype the implementation iterates in.
 """
 from __future__ import annotations
 
@@ -16,34 +17,41 @@ import disco_kernels as dk
 from disco_kernels import reference
 
 from . import baselines
-from .case import Case, Plan, kernels, compiled, rel_err
+from .case import Case, Check, Plan, compiled, kernels, oracle, plain_dtype
 from .shapes import OP_MODELS, for_preset, ns_flops, ns_floor_flops, ns_sweep
 
 STEPS = 5
 
 
-_last_exact: list = []  # [(G, coefficients, its fp64 NS as fp32)]: consecutive cases (impls) share one input
+_oracle_cache: dict = {}  # {"G": G, (coefficients, dtype): oracle NS of G}: consecutive cases (impls) share one input
 
 
-def _exact(G: torch.Tensor, coefficients="jordan") -> torch.Tensor:
-    """NS of G in fp64, one matrix at a time (memory), kept in fp32 for all the implementations timed on G."""
-    last = _last_exact[0] if _last_exact else None
-    if last is None or last[1] != coefficients or last[0].dtype != G.dtype or last[0].shape != G.shape \
-            or not torch.equal(last[0], G):
+def _oracle(G: torch.Tensor, coefficients, dtype: torch.dtype) -> torch.Tensor:
+    """tests/oracle.py's NS of G iterated in ``dtype`` (fp64: the exact answer; else the plain torch
+    computation in that dtype), one matrix at a time (memory), kept for the other implementations timed on G."""
+    last = _oracle_cache.get("G")
+    if last is None or last.dtype != G.dtype or last.shape != G.shape or not torch.equal(last, G):
+        _oracle_cache.clear()
+        _oracle_cache["G"] = G
+    key = (str(coefficients), dtype)
+    if key not in _oracle_cache:
         flat = G.reshape(-1, *G.shape[-2:])
-        exact = torch.stack([reference.newton_schulz(g.double(), STEPS, coefficients).float() for g in flat])
-        _last_exact[:] = [(G, coefficients, exact.reshape(G.shape))]
-    return _last_exact[0][2]
+        src = flat.double() if dtype == torch.float64 else flat
+        _oracle_cache[key] = torch.stack([oracle.newton_schulz(g, STEPS, coefficients, dtype) for g in src]
+                                         ).reshape(G.shape)
+    return _oracle_cache[key]
 
 
 def _case(plan, model, name, shape, dtype, impl, baseline, fn_of_g, compute_dtype=None, coefficients="jordan",
           warmup=1) -> Case:
     def build():
         G = torch.randn(shape, generator=plan.generator(), device=plan.device.torch_device).to(dtype)
+        computed_in = compute_dtype or dtype
 
-        def check():  # on a copy: some baselines normalise their input in place
-            return rel_err(fn_of_g(G.clone()), _exact(G, coefficients))
-        return functools.partial(fn_of_g, G), check
+        def run():  # on a copy: some baselines normalise their input in place
+            return ({"NS": fn_of_g(G.clone())}, {"NS": _oracle(G, coefficients, torch.float64)},
+                    {"NS": _oracle(G, coefficients, plain_dtype(computed_in))})
+        return functools.partial(fn_of_g, G), Check(run, computed_in)
     return Case("newton_schulz", model, name, "x".join(map(str, shape)), dtype, impl, baseline,
                 flops=ns_flops(shape, STEPS), bytes=0, bound="compute", build=build, compute_dtype=compute_dtype,
                 floor_flops=ns_floor_flops(shape, STEPS), warmup=warmup)

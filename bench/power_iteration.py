@@ -5,7 +5,8 @@ share one pass over row blocks). Ours per backend and torch.compile of the plain
 torch iteration; baselines: that plain iteration (two passes over an fp32 copy
 of W) and, in full runs and on GPUs, the exact sigma_max from
 torch.linalg.matrix_norm(ord=2), an SVD (up to SVD_MAX_NUMEL elements: seconds
-per call above). Error: against the fp64 reference from the same start vector.
+per call above). Error: against tests/oracle.py's fp64 iteration from the same start vector, bounded by
+the suite's rule (tests/tolerances.py) from the oracle's iteration in W's dtype.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import disco_kernels as dk
 from disco_kernels import reference
 
-from .case import Case, Plan, kernels, compiled, rel_err
+from .case import Case, Check, Plan, compiled, kernels, oracle, plain_dtype
 from .shapes import OP_MODELS, for_preset
 
 ITERS = 1
@@ -49,8 +50,11 @@ def _case(plan, model, name, shape, dtype, impl, baseline, fn, warmup) -> Case:
         W = torch.randn(shape, generator=plan.generator(), device=plan.device.torch_device).to(dtype)
         v = reference.default_start_vector(W)
 
-        def check():
-            return rel_err(fn(W, v), reference.power_iteration(W.double(), v.double(), ITERS)[0])
+        def run():  # the oracle from the same start vector: in fp64, and plain in W's dtype
+            d = plain_dtype(dtype)
+            return ({"sigma": fn(W, v)}, {"sigma": oracle.power_iteration(W.double(), v.double(), ITERS)[0]},
+                    {"sigma": oracle.power_iteration(W.to(d), v.to(d), ITERS)[0]})
+        check = Check(run, dtype)
         return functools.partial(fn, W, v), None if impl == "torch-svd" else check  # exact sigma: no 1-step twin
     *batch, m, n = shape
     bytes_ = math.prod(batch) * (ITERS * m * n * dtype.itemsize + 8 * n)  # W per iteration; v in and out (fp32)

@@ -119,7 +119,9 @@ def _fmt(x, spec):
 
 def table(rows: list[dict]) -> str:
     """Per suite, impl and dtype: cases, median time, median share of peak, geomean speedup against each
-    baseline of the suite, max error; then the whole step per model; then what was not timed."""
+    baseline of the suite, max error (against the fp64 oracle); then the whole step per model, with the
+    error's bound by the suite's rule (tests/tolerances.py); then what was not timed, and notes (an error
+    beyond the rule among them)."""
     lines = []
     for suite in SUITES:
         ok = _ok(rows, suite)
@@ -139,11 +141,12 @@ def table(rows: list[dict]) -> str:
     steps = _ok(rows, "step")
     if steps:
         lines += ["", f"{'whole step':28s} {'dtype':5s} {'impl':10s} {'ms':>9s} {'%peak':>6s} {'x ref':>6s} "
-                  f"{'err':>8s}"]
+                  f"{'err':>8s} {'bound':>8s}"]
         for r in steps:
             lines.append(f"{r['model'] + ', ' + r['case'].split(', ')[-1]:28s} {r['dtype']:5s} {r['impl']:10s} "
                          f"{r['time_ms']:9.2f} {100 * r['share_of_peak']:6.1f} "
-                         f"{_fmt(r.get('speedup_vs_reference'), '6.2f'):>6s} {_fmt(r.get('rel_err'), '8.1e'):>8s}")
+                         f"{_fmt(r.get('speedup_vs_reference'), '6.2f'):>6s} {_fmt(r.get('rel_err'), '8.1e'):>8s} "
+                         f"{_fmt(r.get('err_bound'), '8.1e'):>8s}")
     counted = {"unsupported": "outside what the CUDA kernels take",
                "skipped": "skipped: past the time limit or interrupted"}
     for kind, what in counted.items():

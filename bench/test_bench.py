@@ -12,68 +12,61 @@ import pytest
 import torch
 
 import disco_kernels as dk
-from disco_kernels import reference
 
 from . import baselines, fused_update, newton_schulz, optimizer_step, power_iteration, report
 from .__main__ import main
-from .case import Case, Plan, measure, rel_err
+from .case import Case, Check, Plan, measure, oracle, tolerances
 from .device import Device, table_peaks
 from .shapes import GPT2_124M, PROXY, ns_floor_flops, ns_flops
 
 # Fixed peaks: the tests check the arithmetic, not this machine.
 CPU = Device(torch.device("cpu"), "cpu (test)", "measured", {"fp32": 0.05, "bf16": 0.05}, 10.0)
 PLAN = Plan(CPU, "smoke", (torch.float32,))
+# Ours ("torch") and the baselines timed against it ("reference"), each op and the whole step; the step also
+# with bf16 params (from 0, as the benchmark runs them).
 CASES = [c for suite in (newton_schulz, power_iteration, fused_update, optimizer_step) for c in suite.cases(PLAN)
          if c.impl in ("torch", "reference")]
+CASES += [c for c in optimizer_step.cases(Plan(CPU, "smoke", (torch.bfloat16,))) if c.impl in ("torch", "reference")]
 
 
-def _tolerance(case) -> float:
-    """Error bound from the dtype the math runs in (64 ulp), not from trial and error."""
-    return 64 * torch.finfo(case.compute_dtype or case.dtype).eps
+def _id(case) -> str:
+    return f"{case.suite}-{case.model}-{case.case}-{case.dtype}-{case.impl}".replace(" ", "_").replace("torch.", "")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.suite}-{c.model}-{c.case}-{c.impl}".replace(" ", "_"))
+@pytest.mark.parametrize("case", CASES, ids=_id)
 def test_case(benchmark, case):
+    """Each case's result obeys the suite's rule (tests/tolerances.py) against the fp64 oracle
+    (tests/oracle.py): the whole step's update term per param group and over all params."""
     fn, check = case.build()
     if check is not None:
-        assert check() < _tolerance(case)
+        check.assert_rule(_id(case))
     benchmark(fn)
 
 
-def test_reference_ns_is_the_reference_math():
-    G = torch.randn(3, 40, 24, dtype=torch.float64)
-    torch.testing.assert_close(baselines.reference_ns(G, dtype=torch.float64), reference.newton_schulz(G, 5))
+def test_reference_ns_is_the_oracle_math():
+    """The bench's reference NS in fp64 is the oracle's (its fp32 run bounds it, tests/tolerances.py)."""
+    G = torch.randn(3, 40, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tolerances.assert_close(baselines.reference_ns(G, dtype=torch.float64), oracle.newton_schulz(G),
+                            oracle.newton_schulz(G.float()))
 
 
 @pytest.mark.parametrize("name", ["torch-muon", "gram-newton-schulz", "emerging-optimizers"])
 def test_installed_ns_baselines_orthogonalise(name):
-    """Each baseline that imports here runs on batches and matches fp64 NS with its coefficients."""
+    """Each baseline that imports here runs on batches and is fp64 NS with its coefficients, as exact as
+    the oracle's NS iterated in the baseline's compute dtype (the rule, tests/tolerances.py)."""
     o = baselines.ns_baselines(torch.device("cpu")).get(name)
     if o is None:
         pytest.skip(f"{name} is not installed here")
-    G = torch.randn(2, 40, 24)
-    want = reference.newton_schulz(G.double(), 5, o.coefficients)
-    assert rel_err(o.fn(G.clone()), want) < 64 * torch.finfo(o.compute_dtype).eps
+    G = torch.randn(2, 40, 24, generator=torch.Generator().manual_seed(0))
+    tolerances.assert_close(o.fn(G.clone()), oracle.newton_schulz(G.double(), 5, o.coefficients),
+                            oracle.newton_schulz(G, 5, o.coefficients, o.compute_dtype), o.compute_dtype)
 
 
-def test_reference_scion_matches_dk_scion_in_fp64():
-    """The step baseline is the same rule as dk.Scion: equal to rounding in fp64."""
-    model = PROXY.scaled(8)
-    ours = optimizer_step.make_groups(model, torch.float64, "cpu", torch.Generator().manual_seed(1))
-    theirs = [{**g, "params": [p.clone() for p in g["params"]]} for g in ours]
-    for g, t in zip(ours, theirs):
-        for p, q in zip(g["params"], t["params"]):
-            q.grad = p.grad.clone()
-        if g["norm"] == "Spectral":
-            g["norm_kwargs"] = {"dtype": "float64"}
-    opt = dk.Scion(ours, lr=optimizer_step.LR, momentum=optimizer_step.MOMENTUM, backend="torch")
-    ref = baselines.ReferenceScion(theirs, optimizer_step.LR, optimizer_step.MOMENTUM, ns_dtype=torch.float64)
-    for _ in range(2):  # the second step exercises the momentum buffers
-        opt.step()
-        ref.step()
-    for g, t in zip(ours, theirs):
-        for p, q in zip(g["params"], t["params"]):
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_step_in_fp64_is_the_oracle_rule(impl):
+    """dk.Scion and the step baseline in fp64 (fp64 Newton-Schulz) are the oracle's Scion to rounding:
+    the update term of a second step (the momentum buffer mixing two grads), per group and over all."""
+    optimizer_step.step_check(impl, PROXY.scaled(8), torch.float64, PLAN, ns_dtype=torch.float64).assert_rule(impl)
 
 
 def test_measure_reports_time_share_and_speedup():
@@ -119,6 +112,20 @@ def test_failed_error_check_still_times():
                 build=build)
     row = measure(case, PLAN)
     assert row["status"] == "ok" and math.isnan(row["rel_err"]) and "fp64 twin" in row["note"]
+
+
+def test_error_beyond_the_rule_is_noted():
+    """The CLI reports an error past the rule's bound in the row's note, naming the part."""
+    exact = {"a": torch.ones(4, dtype=torch.float64), "b": torch.ones(4, dtype=torch.float64)}
+    ours = {"a": exact["a"].float(), "b": 1.3 * exact["b"].float()}
+    check = Check(lambda: (ours, exact, {k: v.float() for k, v in exact.items()}), torch.float32)
+    case = Case("fused_update", "m", "c", "1", torch.float32, "torch", False, flops=0, bytes=8, bound="memory",
+                build=lambda: ((lambda: None), check))
+    row = measure(case, PLAN)
+    assert row["status"] == "ok" and row["rel_err"] > row["err_bound"] and "b 0.3 >" in row["note"]
+    assert "a " not in row["note"].split(": ", 1)[1]
+    with pytest.raises(AssertionError, match="b: error 0.3"):
+        check.assert_rule()
 
 
 def test_step_compiles_last(monkeypatch):
