@@ -77,3 +77,221 @@ def layer_lr(lr, ratio=LAYER_RATIO) -> dict[str, float]:
         raise ValueError(f"ratio must be (input, hidden, output) multipliers, got {ratio!r}")
     r_in, r_hid, r_out = (_positive(f"ratio[{i}]", r) for i, r in enumerate(ratio))
     return {"input": lr * r_in, "hidden": lr * r_hid, "output": lr * r_out}
+
+
+# -- tuning by norm ------------------------------------------------------------------------------
+
+def norm_vs_lr_fit(lrs, log2_norms, *, slope=None) -> tuple[float, float]:
+    """(s, a) of the line log2 ‖W_out‖ = a + s · log2 η through runs at learning rates ``lrs``.
+
+    All runs share the model, batch size and horizon; only the lr differs. With two or more
+    runs s and a are the least-squares fit; with one run (or when ``slope`` is given) s is
+    ``slope`` and a = mean(log2 N − s · log2 η). A run's final output norm grows with its lr
+    (‖W_T‖ ≤ ‖W_0‖ + η·T for unconstrained Scion, whose output update has RMS→∞ norm η), so
+    a fitted s ≤ 0 is an error.
+    """
+    xs = [math.log2(_positive(f"lrs[{i}]", lr)) for i, lr in enumerate(lrs)]
+    ys = [float(n) for n in log2_norms]
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"need one log2 norm per lr, got {len(xs)} lrs and {len(ys)} norms")
+    if not all(math.isfinite(y) for y in ys):
+        raise ValueError(f"log2_norms must be finite (leave diverged runs out), got {ys}")
+    if slope is None:
+        if len(set(xs)) < 2:
+            raise ValueError("one learning rate gives no slope: pass slope= or runs at two lrs")
+        slope, _ = fit_line(xs, ys)
+        if slope <= 0:
+            raise ValueError(f"the output norm does not grow with the lr in these runs (slope {slope:.3g})")
+    slope = _positive("slope", slope)
+    return slope, sum(y - slope * x for x, y in zip(xs, ys)) / len(xs)
+
+
+def lr_for_norm(lrs, log2_norms, target_log2_norm=OUTPUT_NORM_LOG2, *, slope=None) -> float:
+    """The learning rate whose run ends at the output norm ``target_log2_norm``.
+
+    η = 2^((target − a) / s), with (s, a) = ``norm_vs_lr_fit(lrs, log2_norms, slope=slope)``:
+    log2 ‖W_out‖ taken linear in log2 η at a fixed model, batch size and horizon. Give runs at
+    the batch size and token budget you will train with; the target is the optimal norm of a
+    small sweep of this setup (norm transfer: it holds across horizons), or the paper's 2^7
+    for the paper's setup. Between the runs' lrs this interpolates; outside, it extrapolates.
+    """
+    if isinstance(target_log2_norm, bool) or not isinstance(target_log2_norm, (int, float)) \
+            or not math.isfinite(target_log2_norm):
+        raise ValueError(f"target_log2_norm must be a finite number (a log2 norm), got {target_log2_norm!r}")
+    s, a = norm_vs_lr_fit(lrs, log2_norms, slope=slope)
+    return 2.0 ** ((target_log2_norm - a) / s)
+
+
+# -- fitting the rules on a sweep ----------------------------------------------------------------
+
+def fit_line(xs, ys) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of y = slope · x + intercept."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if n < 2 or sxx == 0:
+        raise ValueError(f"a line needs at least two distinct x, got {list(xs)}")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return slope, my - slope * mx
+
+
+def grid_minimum(xs, ys) -> tuple[float, bool]:
+    """(x*, at_edge): where y is smallest over sorted grid ``xs``, refined between grid points.
+
+    x* is the vertex of the parabola through the grid minimum (x1, y1) and its neighbours:
+    x1 − ½·[(x1−x0)²(y1−y2) − (x1−x2)²(y1−y0)] / [(x1−x0)(y1−y2) − (x1−x2)(y1−y0)].
+    It is the grid point itself at an edge of the grid (``at_edge``: the optimum may lie
+    outside) or next to a non-finite y (a diverged run). Non-finite ys count as +inf.
+    """
+    key = [y if math.isfinite(y) else math.inf for y in ys]
+    i = min(range(len(xs)), key=key.__getitem__)
+    if i in (0, len(xs) - 1):
+        return xs[i], len(xs) > 1
+    (x0, x1, x2), (y0, y1, y2) = xs[i - 1:i + 2], key[i - 1:i + 2]
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    if not math.isfinite(y0 + y2):
+        return x1, False
+    return x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / den, False
+
+
+def interpolate(x, xs, ys) -> float:
+    """y at x, linear between the neighbouring points of sorted grid ``xs``; NaN outside the grid."""
+    if not xs[0] <= x <= xs[-1]:
+        return math.nan
+    j = next(j for j in range(1, len(xs)) if x <= xs[j]) if len(xs) > 1 else 0
+    if x == xs[j]:
+        return ys[j]
+    t = (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+    return ys[j - 1] + t * (ys[j] - ys[j - 1])
+
+
+def fit_plane(x1s, x2s, ys) -> tuple[float, float, float]:
+    """Least-squares (b1, b2, c) of y = b1 · x1 + b2 · x2 + c (fp64)."""
+    import torch
+    A = torch.tensor([[a, b, 1.0] for a, b in zip(x1s, x2s)], dtype=torch.float64)
+    if torch.linalg.matrix_rank(A) < 3:
+        raise ValueError("a plane needs points spanning both x1 and x2")
+    sol = torch.linalg.lstsq(A, torch.tensor(list(ys), dtype=torch.float64)[:, None], driver="gelsd").solution
+    return tuple(sol[:, 0].tolist())
+
+
+def _spread(values) -> dict:
+    """mean, max − min and (population) standard deviation."""
+    mean = sum(values) / len(values)
+    return {"mean": mean, "spread": max(values) - min(values),
+            "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))}
+
+
+def _grid(rows, tokens, batch_size) -> tuple[list, list, list]:
+    """(log2 lr, val loss, log2 output norm) of the runs at (tokens, batch_size), by lr."""
+    cell = sorted((math.log2(r["lr"]), r["val_loss"], r["log2_output_norm"]) for r in rows
+                  if r["tokens"] == tokens and r["batch_size"] == batch_size)
+    return [c[0] for c in cell], [c[1] for c in cell], [c[2] for c in cell]
+
+
+def _finite_loss(r) -> float:
+    return r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
+
+
+def _size_optimum(rows, D) -> dict:
+    """The optimum at token budget D; see ``summarize_sweep``."""
+    at_D = [r for r in rows if r["tokens"] == D]
+    best = min(at_D, key=_finite_loss)
+    per_batch = []
+    for B in sorted({r["batch_size"] for r in at_D}):
+        x, loss, _ = _grid(rows, D, B)
+        lr_log2, edge = grid_minimum(x, loss)
+        per_batch.append({"batch_size": B, "lr_opt": 2.0 ** lr_log2, "lr_opt_at_edge": edge,
+                          "val_loss": min(loss, key=lambda y: y if math.isfinite(y) else math.inf)})
+    b_log2, b_edge = grid_minimum([math.log2(p["batch_size"]) for p in per_batch], [p["val_loss"] for p in per_batch])
+    at_best = next(p for p in per_batch if p["batch_size"] == best["batch_size"])
+    x, _, norm = _grid(rows, D, best["batch_size"])
+    return {"tokens": D, "runs": len(at_D), "diverged": sum(not math.isfinite(r["val_loss"]) for r in at_D),
+            "best": {k: best[k] for k in ("lr", "batch_size", "val_loss", "log2_output_norm")},
+            "lr_opt": at_best["lr_opt"], "lr_opt_at_edge": at_best["lr_opt_at_edge"],
+            "batch_opt": 2.0 ** b_log2, "batch_opt_at_edge": b_edge,
+            "log2_output_norm_at_lr_opt": interpolate(math.log2(at_best["lr_opt"]), x, norm),
+            "per_batch": per_batch}
+
+
+def summarize_sweep(rows) -> dict:
+    """The optimum of an (lr, batch size) sweep at each token budget D, and the rules fitted on it.
+
+    ``rows``: dicts with tokens, batch_size, lr, val_loss and log2_output_norm (NaN loss for a
+    diverged run). Per budget D:
+      best                         the run of lowest validation loss
+      per_batch lr_opt = η*(B, D)  ``grid_minimum`` of the loss over log2 η at batch size B
+      batch_opt = B*(D)            ``grid_minimum`` over log2 B of each batch size's lowest loss
+      lr_opt = η*(D)               η*(B, D) at the best run's batch size
+      log2_output_norm_at_lr_opt   the output norm at η*(D), linear in log2 η between runs
+    Across budgets: mean, spread (max − min) and std of the optimal log2 output norms (the best
+    runs' and the interpolated ones), and least-squares exponents beside the paper's:
+      log2 η*(D) vs log2 D (−0.28), log2 B*(D) vs log2 D (0.45), and the plane
+      log2 η*(B, D) = β log2 B + δ log2 D + c (β = 0.62, δ = −0.56).
+    Exponents need two budgets (the plane also two batch sizes); otherwise they are None.
+    """
+    sizes = [_size_optimum(rows, D) for D in sorted({r["tokens"] for r in rows})]
+    out = {"sizes": sizes, "optimal_log2_output_norm": {
+        "best_runs": _spread([s["best"]["log2_output_norm"] for s in sizes]),
+        "at_lr_opt": _spread([s["log2_output_norm_at_lr_opt"] for s in sizes]),
+        "paper": OUTPUT_NORM_LOG2}}
+    logD = [math.log2(s["tokens"]) for s in sizes]
+    exps = {"lr_opt_vs_tokens": {"paper": LR_ALONG_OPTIMUM_EXPONENT},
+            "batch_opt_vs_tokens": {"paper": BATCH_TOKENS_EXPONENT},
+            "lr_opt_vs_batch_at_fixed_tokens": {"paper": LR_BATCH_EXPONENT},
+            "lr_opt_vs_tokens_at_fixed_batch": {"paper": LR_TOKENS_EXPONENT}}
+    for e in exps.values():
+        e["fit"] = None
+    if len(sizes) > 1:
+        exps["lr_opt_vs_tokens"]["fit"] = fit_line(logD, [math.log2(s["lr_opt"]) for s in sizes])[0]
+        exps["batch_opt_vs_tokens"]["fit"] = fit_line(logD, [math.log2(s["batch_opt"]) for s in sizes])[0]
+        cells = [(math.log2(p["batch_size"]), math.log2(s["tokens"]), math.log2(p["lr_opt"]))
+                 for s in sizes for p in s["per_batch"]]
+        if len({c[0] for c in cells}) > 1:
+            beta, delta, _ = fit_plane(*zip(*cells))
+            exps["lr_opt_vs_batch_at_fixed_tokens"]["fit"] = beta
+            exps["lr_opt_vs_tokens_at_fixed_batch"]["fit"] = delta
+    out["exponents"] = exps
+    return out
+
+
+def tuning_on_sweep(rows, summary) -> list[dict]:
+    """How well ``lr_for_norm`` picks the lr at each budget of a sweep, measured on the sweep.
+
+    At budget D and its best batch size B, the target is the mean optimal log2 output norm
+    (``log2_output_norm_at_lr_opt``) of the *other* budgets (the norm transferred from other
+    horizons; D's own when it is the only one). Every pair of finite runs at (B, D) serves as
+    the two guesses; the predicted lr's loss is the sweep's loss interpolated linearly in log2 η
+    (NaN outside the grid). Regret = that loss − the best loss at D. The baseline any two runs
+    give for free, the better of the pair, is reported beside it.
+    """
+    out = []
+    for s in summary["sizes"]:
+        others = [o["log2_output_norm_at_lr_opt"] for o in summary["sizes"] if o is not s] \
+            or [s["log2_output_norm_at_lr_opt"]]
+        target = sum(others) / len(others)
+        x, loss, norm = _grid(rows, s["tokens"], s["best"]["batch_size"])
+        ok = [i for i in range(len(x)) if math.isfinite(loss[i]) and math.isfinite(norm[i])]
+        best, pairs = s["best"]["val_loss"], []
+        for n, i in enumerate(ok):
+            for j in ok[n + 1:]:
+                lr = lr_for_norm([2.0 ** x[i], 2.0 ** x[j]], [norm[i], norm[j]], target)
+                pairs.append({"guesses": [2.0 ** x[i], 2.0 ** x[j]], "lr": lr,
+                              "regret": interpolate(math.log2(lr), x, loss) - best,
+                              "baseline_regret": min(loss[i], loss[j]) - best})
+        inside = [p for p in pairs if math.isfinite(p["regret"])]
+        out.append({"tokens": s["tokens"], "batch_size": s["best"]["batch_size"], "target_log2_norm": target,
+                    "pairs": len(pairs), "inside_grid": len(inside),
+                    "median_regret": _median([p["regret"] for p in inside]),
+                    "worst_regret": max((p["regret"] for p in inside), default=math.nan),
+                    "median_baseline_regret": _median([p["baseline_regret"] for p in pairs]),
+                    "worst_baseline_regret": max((p["baseline_regret"] for p in pairs), default=math.nan),
+                    "by_pair": pairs})
+    return out
+
+
+def _median(values) -> float:
+    v = sorted(values)
+    if not v:
+        return math.nan
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2

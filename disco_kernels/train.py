@@ -5,9 +5,20 @@ every machine). Training follows the paper (arXiv 2510.03871): unconstrained Sci
 no momentum, constant lr, input : hidden : output lr = 1 : 1/8 : 1, the norms' init.
 Writes into ``--out``: ``train.csv`` (step, tokens, lr, loss, output norm),
 ``norms.csv`` (NormMonitor records), ``summary.json`` and ``train.png``.
-``--sweep`` trains a grid of (lr, batch size) at the token budget of --steps x
---batch-size (``--sweep-lrs``, ``--sweep-batch-sizes``) and writes
-``sweep.csv`` / ``sweep.png``: final loss against log2 ‖W_out‖_{RMS→∞}.
+
+``--sweep`` trains the (lr, batch size) grid at each token budget of ``--sweep-tokens``
+(steps = tokens / (batch size · seq len)) and writes ``sweep.csv`` (one row per run,
+diverged runs included), ``sweep.png`` (validation loss against log2 ‖W_out‖_{RMS→∞},
+one colour per budget) and ``sweep_summary.json`` (the optimum per budget, the spread of
+the optimal norms, η* and B* exponents against D beside the paper's, and how well tuning
+by norm does on the sweep). ``--resume`` skips the runs already in ``sweep.csv``. Its
+defaults are sized per machine (``SWEEP_DEFAULTS``): on CPU the tiny model at 64-byte
+sequences, 3 budgets x 5 lrs x 3 batch sizes in well under 30 minutes on 2 cores; on a
+GPU the paper's proxy shape.
+
+``--tune-by-norm`` trains at guessed lrs (``--tune-lrs``), fits log2 ‖W_out‖ against
+log2 lr, trains at the lr predicted to end at ``--target-norm`` (``scaling.lr_for_norm``)
+and writes ``tune.json`` beside that run's outputs.
 
 Under torchrun (WORLD_SIZE > 1) the process group is initialised, the model is
 wrapped in DDP, rank 0 writes the outputs, and Scion gets ``process_group="default"``
@@ -15,7 +26,8 @@ wrapped in DDP, rank 0 writes the outputs, and Scion gets ``process_group="defau
 
     python -m disco_kernels.train --quick                 # seconds: a smoke run
     python -m disco_kernels.train                         # the paper's proxy shape, a few minutes on CPU
-    python -m disco_kernels.train --sweep --steps 150     # the norm-transfer picture
+    python -m disco_kernels.train --sweep                 # the norm-transfer picture (CPU: ~15 minutes)
+    python -m disco_kernels.train --tune-by-norm --target-norm results/norm_transfer/sweep_summary.json
 """
 from __future__ import annotations
 
@@ -30,14 +42,38 @@ from pathlib import Path
 
 import torch
 
+from . import norms, scaling
 from .models import PRESETS, NormEverywhereLM
 from .norms import NormMonitor
 from .optim import Scion
-from .param_groups import param_groups
+from .param_groups import classify, param_groups
 from .scaling import OUTPUT_NORM_LOG2
 
 SWEEP_LR_FACTORS = (1 / 4, 1 / 2, 1, 2, 4)  # default sweep grid, relative to --lr and --batch-size
 SWEEP_BATCH_FACTORS = (1 / 2, 1, 2)
+TUNE_LR_FACTORS = (1 / 2, 2)  # default --tune-lrs, relative to --lr
+
+# Defaults per mode where a flag is not given. A plain run: the paper's proxy shape (--quick: the
+# tiny model). A sweep (tokens = the budgets D): on CPU the tiny model (dim 32, 2 layers) at
+# 64-byte sequences, so that 3 budgets x 5 lrs x 3 batch sizes take about 15 minutes on 2 cores
+# (the lr grid 2^-3 ... 2^1 brackets its optimum); on a GPU the proxy shape (dim 256, 4 layers) at
+# 256-byte sequences and 32x larger budgets.
+RUN_DEFAULTS = {"quick": dict(preset="tiny", steps=40, batch_size=8, seq_len=64, lr=2 ** -3),
+                "full": dict(preset="proxy", steps=300, batch_size=16, seq_len=128, lr=2 ** -3)}
+SWEEP_DEFAULTS = {"quick": dict(RUN_DEFAULTS["quick"], tokens=(2 ** 13, 2 ** 14)),
+                  "cpu": dict(preset="tiny", steps=256, batch_size=16, seq_len=64, lr=2 ** -1,
+                              tokens=(2 ** 17, 2 ** 18, 2 ** 19)),
+                  "cuda": dict(preset="proxy", steps=1024, batch_size=32, seq_len=256, lr=2 ** -3,
+                               tokens=(2 ** 22, 2 ** 23, 2 ** 24))}
+EVAL_WINDOWS = 256  # validation windows, the same for every run whatever its batch size
+
+
+class Diverged(FloatingPointError):
+    """A run went non-finite (its loss, or a gradient that Scion refused); ``step`` is where."""
+
+    def __init__(self, step: int, what: str, lr: float):
+        super().__init__(f"step {step}: {what} (lr {lr} too large?)")
+        self.step = step
 
 
 def load_corpus(max_bytes: int = 1 << 24) -> torch.Tensor:
@@ -69,14 +105,35 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Gene
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size, seq_len, device, batches: int = 8) -> float:
-    """Mean loss on ``batches`` fixed windows of ``data``."""
+def evaluate(model, data, seq_len, device, windows: int = EVAL_WINDOWS, chunk: int = 32) -> float:
+    """Mean loss on ``windows`` fixed windows of ``data`` (the same ones for every model), ``chunk`` at a time."""
     gen = torch.Generator().manual_seed(1234)
     was_training = model.training
     model.eval()
-    loss = sum(model(*get_batch(data, batch_size, seq_len, gen, device)) for _ in range(batches)).item() / batches
+    sizes = [min(chunk, windows - i) for i in range(0, windows, chunk)]
+    loss = sum(n * model(*get_batch(data, n, seq_len, gen, device)) for n in sizes).item() / windows
     model.train(was_training)
     return loss
+
+
+@torch.no_grad()
+def layer_log2_norms(model) -> dict[str, float]:
+    """log2 of each weight's norm in the paper's geometry, exact: input l1_to_rms(Wᵀ), hidden
+    rms_to_rms (fp64 SVD), output rms_to_inf; keyed "<param name>/<norm>"."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, role in classify(model).items():
+        W = params[name].detach()
+        if role == "input":
+            key, value = "l1_to_rms", norms.l1_to_rms(W.mT)
+        elif role == "output":
+            key, value = "rms_to_inf", norms.rms_to_inf(W)
+        elif role in ("hidden", "conv"):
+            key, value = "rms_to_rms", norms.rms_to_rms(W.reshape(W.size(0), -1))
+        else:
+            continue
+        out[f"{name}/{key}"] = math.log2(value.item())
+    return out
 
 
 def _distributed(device: str):
@@ -133,14 +190,19 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
     for step in range(1, steps + 1):
         x, y = get_batch(train_data, batch_size, seq_len, gen, device)
         start = time.perf_counter()
-        loss = net(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = loss.item()  # waits for the device
+        try:
+            loss = net(x, y)
+            loss.backward()
+            opt.step()  # raises FloatingPointError on a non-finite gradient, changing nothing
+            opt.zero_grad(set_to_none=True)
+            loss = loss.item()  # waits for the device
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss}")
+        except FloatingPointError as e:
+            if bar is not None:
+                bar.close()
+            raise Diverged(step, str(e), lr) from e
         step_seconds += time.perf_counter() - start
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step} (lr {lr} too large?)")
         norm = monitor.latest.get("output/log2_rms_to_inf", math.nan)
         shown = "-" if math.isnan(norm) else f"{norm:.2f}"  # (no record yet)
         rows.append({"step": step, "tokens": step * batch_size * seq_len * world_size, "lr": lr, "loss": loss,
@@ -156,10 +218,11 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
     summary = {"preset": preset, "lr": lr, "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
                "tokens": rows[-1]["tokens"], "device": str(device), "world_size": world_size,
                "first_loss": rows[0]["loss"], "final_train_loss": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
-               "val_loss": evaluate(model, val_data, batch_size, seq_len, device),
+               "val_loss": evaluate(model, val_data, seq_len, device),
                "log2_output_norm": math.log2(monitor.output_norm()), "target_log2_output_norm": OUTPUT_NORM_LOG2,
                "seconds_per_step": step_seconds / steps,
-               "monitor_share": monitor.seconds / step_seconds}
+               "monitor_share": monitor.seconds / step_seconds,
+               "layer_log2_norms": layer_log2_norms(model)}
     return {"rows": rows, "norms": monitor.history, "summary": summary}
 
 
@@ -198,20 +261,35 @@ def plot_run(run: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sweep(results: list[dict], path: Path) -> None:
-    """Final validation loss against log2 output norm, one curve per batch size."""
+def plot_sweep(rows: list[dict], summary: dict, path: Path) -> None:
+    """Validation loss against final log2 output norm (the paper's Figure 1): one colour per token
+    budget, one marker per batch size, lines joining the lrs of a (budget, batch size); a star on
+    each budget's best run; the band of the optimal norms across budgets. Diverged runs are left out."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for bs in sorted({r["batch_size"] for r in results}):
-        pts = sorted((r["log2_output_norm"], r["val_loss"], r["lr"]) for r in results if r["batch_size"] == bs)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {bs}")
-        for x, y, lr in pts:
-            ax.annotate(f"{lr:.2g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set(xlabel="log2 ‖W_out‖ RMS→∞ (final)", ylabel="validation loss",
-           title="loss vs output norm (labels: lr)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    sizes = summary["sizes"]
+    batches = sorted({r["batch_size"] for r in rows})
+    colours = plt.cm.viridis([i / max(1, len(sizes) - 1) * 0.85 for i in range(len(sizes))])
+    for s, colour in zip(sizes, colours):
+        for B, marker in zip(batches, "os^Dvp<>h*"):
+            pts = sorted((r["log2_output_norm"], r["val_loss"]) for r in rows
+                         if r["tokens"] == s["tokens"] and r["batch_size"] == B and math.isfinite(r["val_loss"]))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=4, lw=1, color=colour, alpha=0.8)
+        best = s["best"]
+        ax.plot(best["log2_output_norm"], best["val_loss"], marker="*", ms=16, color=colour, mec="black",
+                label=f"D = 2^{math.log2(s['tokens']):g}: best lr {best['lr']:.3g}, batch {best['batch_size']}")
+    opt = [s["best"]["log2_output_norm"] for s in sizes]
+    ax.axvspan(min(opt), max(opt), color="gray", alpha=0.2, label=f"optimal norms (spread {max(opt) - min(opt):.2f})")
+    for B, marker in zip(batches, "os^Dvp<>h*"):
+        ax.plot([], [], marker=marker, color="gray", lw=0, label=f"batch {B}")
+    finite = [r["val_loss"] for r in rows if math.isfinite(r["val_loss"])]
+    worst_best = max(s["best"]["val_loss"] for s in sizes)
+    ax.set_ylim(min(finite) - 0.02, min(max(finite), worst_best + 2 * (worst_best - min(finite)) + 0.1) + 0.02)
+    ax.set(xlabel="final log2 ‖W_out‖ RMS→∞", ylabel="validation loss (nats/byte)",
+           title="loss vs output norm per token budget D (lines: lr sweeps)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -238,34 +316,87 @@ def _list_of(kind):
     return parse
 
 
+def _token_budgets(text: str) -> list:
+    """Comma-separated budgets: "2^18", "262144" or "1e6" are tokens (int); "2x" is that multiple of
+    the base run's steps x batch size x seq len (kept as ("x", 2.0) until the base is known)."""
+    budgets = []
+    for item in text.split(","):
+        try:
+            if item.endswith("x"):
+                budgets.append(("x", _positive_float(item[:-1])))
+                continue
+            base, _, exp = item.partition("^")
+            value = float(base) ** float(exp) if exp else float(base)
+        except (ValueError, OverflowError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"token budgets are like 2^18, 262144 or 2x, got {item}") from None
+        if not (math.isfinite(value) and value >= 1 and value == int(value)):
+            raise argparse.ArgumentTypeError(f"a token budget must be a whole number >= 1, got {item}")
+        budgets.append(int(value))
+    return budgets
+
+
+def _target_norm(text: str):
+    """A log2 norm, or the path of a sweep_summary.json (its mean optimal log2 norm at lr*)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return json.loads(Path(text).read_text())["optimal_log2_output_norm"]["at_lr_opt"]["mean"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"not a number nor a readable sweep_summary.json: {text} ({e})") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m disco_kernels.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="model shape (default proxy; tiny with --quick)")
+                   help="model shape (default proxy; tiny with --quick or a CPU sweep)")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300; 40 with --quick)")
-    p.add_argument("--lr", type=_positive_float, default=2 ** -3, help="input/output lr; hidden gets lr/8")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="input/output lr; hidden gets lr/8 (default 2^-3; 2^-1 for a CPU sweep)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="sequences per step (default 16; 8 with --quick)")
+                   help="sequences per step (default 16; 8 with --quick; 32 for a GPU sweep)")
     p.add_argument("--seq-len", type=_positive_int, default=None,
-                   help="bytes per sequence (default 128; 64 with --quick)")
+                   help="bytes per sequence (default 128; 64 with --quick or a CPU sweep; 256 for a GPU sweep)")
     p.add_argument("--out", default="disco_train_out", help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--monitor-every", type=_positive_int, default=10, help="steps between norm records")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps, small corpus: a smoke run")
-    p.add_argument("--sweep", action="store_true", help="grid of lr x batch size at a fixed token budget")
+    p.add_argument("--sweep", action="store_true", help="grid of lr x batch size at each token budget")
+    p.add_argument("--sweep-tokens", type=_token_budgets, default=None,
+                   help="comma-separated token budgets, e.g. 2^17,2^18,2^19 or 1x,2x,4x of --steps x --batch-size "
+                        "x --seq-len (default: 2^17..2^19 on CPU, 2^22..2^24 on GPU)")
     p.add_argument("--sweep-lrs", type=_list_of(float), default=None,
                    help="comma-separated (default: --lr x 1/4 ... 4)")
     p.add_argument("--sweep-batch-sizes", type=_list_of(int), default=None,
                    help="comma-separated (default: --batch-size x 1/2, 1, 2)")
+    p.add_argument("--resume", action="store_true", help="--sweep: keep the runs already in sweep.csv")
+    p.add_argument("--tune-by-norm", action="store_true",
+                   help="train at --tune-lrs, then at the lr predicted to end at --target-norm")
+    p.add_argument("--tune-lrs", type=_list_of(float), default=None,
+                   help="comma-separated guesses, one or more (default: --lr x 1/2, 2)")
+    p.add_argument("--target-norm", type=_target_norm, default=OUTPUT_NORM_LOG2,
+                   help="log2 output norm to aim at, or a sweep_summary.json (default: the paper's 7.0)")
+    p.add_argument("--tune-slope", type=_positive_float, default=None,
+                   help="slope of log2 norm vs log2 lr for a single guess (default: fitted; needs 2 guesses)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    args.preset = args.preset or ("tiny" if args.quick else "proxy")
-    args.steps = args.steps or (40 if args.quick else 300)
-    args.batch_size = args.batch_size or (8 if args.quick else 16)
-    args.seq_len = args.seq_len or (64 if args.quick else 128)
+    if args.sweep and args.tune_by_norm:
+        p.error("--sweep and --tune-by-norm are separate modes")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = "quick" if args.quick else args.device if args.sweep else "full"
+    defaults = (SWEEP_DEFAULTS if args.sweep else RUN_DEFAULTS)[mode]
+    for key in ("preset", "steps", "batch_size", "seq_len", "lr"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    base = args.steps * args.batch_size * args.seq_len
+    tokens = args.sweep_tokens or defaults.get("tokens", (base,))
+    args.sweep_tokens = [round(t[1] * base) if isinstance(t, tuple) else t for t in tokens]
     args.sweep_lrs = args.sweep_lrs or [args.lr * f for f in SWEEP_LR_FACTORS]
     args.sweep_batch_sizes = args.sweep_batch_sizes or [max(1, round(args.batch_size * f)) for f in SWEEP_BATCH_FACTORS]
+    args.tune_lrs = args.tune_lrs or [args.lr * f for f in TUNE_LR_FACTORS]
     if args.seq_len > PRESETS[args.preset].max_seq_len:
         p.error(f"--seq-len {args.seq_len} exceeds the {args.preset} preset's "
                 f"max_seq_len {PRESETS[args.preset].max_seq_len}")
@@ -283,8 +414,8 @@ def main(argv=None) -> int:
 
 
 def _run(args, rank: int, world: int, device: torch.device) -> int:
-    if args.sweep and world > 1:
-        raise SystemExit("--sweep runs in a single process; launch it without torchrun")
+    if (args.sweep or args.tune_by_norm) and world > 1:
+        raise SystemExit("--sweep and --tune-by-norm run in a single process; launch them without torchrun")
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +423,9 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     common = dict(seq_len=args.seq_len, device=device, seed=args.seed, data=data, monitor_every=args.monitor_every)
     if args.sweep:
         return _sweep(args, out, common)
-    run = train(args.preset, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+    tune = _tune(args, common) if args.tune_by_norm else None
+    lr = tune["lr"] if tune else args.lr
+    run = train(args.preset, steps=args.steps, lr=lr, batch_size=args.batch_size,
                 progress=not args.no_progress, rank=rank, world_size=world, **common)
     if rank == 0:
         write_csv(run["rows"], out / "train.csv")
@@ -304,25 +437,117 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
               f"val {s['val_loss']:.3f}); "
               f"log2 |W_out|_(RMS->inf) {s['log2_output_norm']:.2f}; {s['seconds_per_step'] * 1e3:.0f} ms/step, "
               f"monitor {100 * s['monitor_share']:.2f}% of step time; outputs in {out}")
+    if tune:
+        tune["result"] = {k: s[k] for k in ("val_loss", "final_train_loss", "log2_output_norm")}
+        (out / "tune.json").write_text(json.dumps(tune, indent=2))
+        print(f"tuned lr {lr:.4g} aimed at log2 |W_out| {tune['target_log2_norm']:.2f}, "
+              f"ended at {s['log2_output_norm']:.2f}; guesses: " +
+              ", ".join(f"lr {g['lr']:.4g} -> {g['log2_output_norm']:.2f} (val {g['val_loss']:.3f})"
+                        for g in tune["guesses"]))
     return 0
+
+
+def _tune(args, common: dict) -> dict:
+    """Train at each guessed lr (same steps and batch size as the final run) and predict, with
+    ``scaling.lr_for_norm``, the lr whose run ends at ``--target-norm``."""
+    guesses = []
+    for lr in args.tune_lrs:
+        s = train(args.preset, steps=args.steps, lr=lr, batch_size=args.batch_size, progress=False, **common)["summary"]
+        guesses.append({"lr": lr, "log2_output_norm": s["log2_output_norm"], "val_loss": s["val_loss"]})
+        print(f"guess lr {lr:.4g}: log2 |W_out| {s['log2_output_norm']:.2f}, val loss {s['val_loss']:.3f}", flush=True)
+    lrs, log2_norms = [g["lr"] for g in guesses], [g["log2_output_norm"] for g in guesses]
+    slope, intercept = scaling.norm_vs_lr_fit(lrs, log2_norms, slope=args.tune_slope)
+    return {"target_log2_norm": args.target_norm, "guesses": guesses, "slope": slope, "intercept": intercept,
+            "lr": scaling.lr_for_norm(lrs, log2_norms, args.target_norm, slope=args.tune_slope),
+            "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "preset": args.preset}
+
+
+# -- the sweep --------------------------------------------------------------------------------
+
+SWEEP_KEY = ("preset", "seq_len", "seed", "tokens", "batch_size", "lr")  # what makes two rows the same run
+
+
+def _parse_cell(text: str):
+    """A CSV cell back to int, float (empty: NaN) or str."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return math.nan if text == "" else text
+
+
+def read_sweep(path: Path) -> list[dict]:
+    """The rows of a sweep.csv, cells parsed (missing values NaN)."""
+    with open(path, newline="") as f:
+        return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def sweep_run(args, common: dict, tokens: int, batch_size: int, lr: float) -> dict:
+    """One run of the grid as a sweep.csv row; a diverged run is a row with NaN results."""
+    steps = max(1, round(tokens / (batch_size * args.seq_len)))
+    row = {"preset": args.preset, "seq_len": args.seq_len, "seed": args.seed, "tokens": tokens,
+           "batch_size": batch_size, "lr": lr, "steps": steps, "tokens_trained": steps * batch_size * args.seq_len}
+    start = time.perf_counter()
+    try:
+        s = train(args.preset, steps=steps, lr=lr, batch_size=batch_size, progress=False, **common)["summary"]
+    except Diverged as e:
+        row.update(status=f"diverged at step {e.step}", final_train_loss=math.nan, val_loss=math.nan,
+                   log2_output_norm=math.nan)
+    else:
+        row.update(status="ok", final_train_loss=s["final_train_loss"], val_loss=s["val_loss"],
+                   log2_output_norm=s["log2_output_norm"])
+        row.update({f"log2:{k}": v for k, v in s["layer_log2_norms"].items()})
+    row["seconds"] = time.perf_counter() - start
+    return row
 
 
 def _sweep(args, out: Path, common: dict) -> int:
-    results = []
-    tokens = args.steps * args.batch_size
-    for bs in args.sweep_batch_sizes:
-        for lr in args.sweep_lrs:
-            run = train(args.preset, steps=max(1, tokens // bs), lr=lr, batch_size=bs, progress=False, **common)
-            results.append(run["summary"])
-            s = run["summary"]
-            print(f"batch {bs:4d}  lr {s['lr']:.4g}  steps {s['steps']:5d}  val loss {s['val_loss']:.3f}  "
-                  f"log2 |W_out| {s['log2_output_norm']:.2f}", flush=True)
-    write_csv(results, out / "sweep.csv")
-    plot_sweep(results, out / "sweep.png")
-    best = min(results, key=lambda r: r["val_loss"])
-    print(f"best: batch {best['batch_size']}, lr {best['lr']:.4g}, val loss {best['val_loss']:.3f} at log2 |W_out| "
-          f"{best['log2_output_norm']:.2f}; outputs in {out}")
+    """Run the grid (skipping, with --resume, runs already in sweep.csv), rewriting sweep.csv after
+    every run; then write sweep_summary.json and sweep.png."""
+    path = out / "sweep.csv"
+    rows = read_sweep(path) if args.resume and path.exists() else []
+    done = {tuple(r[k] for k in SWEEP_KEY) for r in rows}
+    todo = [(D, B, lr) for D in args.sweep_tokens for B in args.sweep_batch_sizes for lr in args.sweep_lrs
+            if (args.preset, args.seq_len, args.seed, D, B, lr) not in done]
+    print(f"sweep: {len(todo)} runs to do ({len(rows)} already in {path}); {args.preset}, seq len {args.seq_len}",
+          flush=True)
+    steps = [max(1, round(D / (B * args.seq_len))) for D, B, _ in todo]
+    bar = _progress(sum(steps), not args.no_progress)
+    for (D, B, lr), n in zip(todo, steps):
+        row = sweep_run(args, common, D, B, lr)
+        rows.append(row)
+        write_csv(rows, path)
+        line = (f"D {D}  batch {B}  lr {lr:.4g}  steps {n}  val loss {row['val_loss']:.3f}  "
+                f"log2 |W_out| {row['log2_output_norm']:.2f}  {row['status']}")
+        if bar is None:
+            print(line, flush=True)
+        else:
+            bar.update(n)
+            bar.write(line)
+    if bar is not None:
+        bar.close()
+    mine = [r for r in rows if (r["preset"], r["seq_len"], r["seed"]) == (args.preset, args.seq_len, args.seed)]
+    summary = scaling.summarize_sweep(mine)
+    summary["tuning_by_norm"] = scaling.tuning_on_sweep(mine, summary)
+    summary["setup"] = {"preset": args.preset, "seq_len": args.seq_len, "seed": args.seed,
+                        "device": str(common["device"]), "runs": len(mine),
+                        "seconds": sum(r["seconds"] for r in mine)}
+    (out / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
+    plot_sweep(mine, summary, out / "sweep.png")
+    for s in summary["sizes"]:
+        b = s["best"]
+        print(f"D {s['tokens']}: best lr {b['lr']:.4g}, batch {b['batch_size']}, val loss {b['val_loss']:.3f}, "
+              f"log2 |W_out| {b['log2_output_norm']:.2f} (at lr* {s['log2_output_norm_at_lr_opt']:.2f})")
+    o, e = summary["optimal_log2_output_norm"]["at_lr_opt"], summary["exponents"]
+    print(f"optimal log2 |W_out| {o['mean']:.2f}, spread {o['spread']:.2f} across budgets; exponents vs D: "
+          f"lr* {_fmt(e['lr_opt_vs_tokens']['fit'])} (paper {e['lr_opt_vs_tokens']['paper']}), "
+          f"B* {_fmt(e['batch_opt_vs_tokens']['fit'])} (paper {e['batch_opt_vs_tokens']['paper']}); outputs in {out}")
     return 0
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 if __name__ == "__main__":
