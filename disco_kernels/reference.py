@@ -8,6 +8,7 @@ Nothing here is tuned for speed.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -36,8 +37,9 @@ _SCHEDULES = {
 def ns_schedule(coefficients="jordan", steps: int = 5) -> tuple[list[Triple], float, float]:
     """Resolve a coefficient schedule into (per-step triples, norm multiplier, norm eps).
 
-    ``coefficients`` is ``"jordan"``, ``"polar_express"`` or a sequence of
-    (a, b, c) triples; a schedule shorter than ``steps`` repeats its last triple.
+    ``coefficients`` is ``"jordan"``, ``"polar_express"`` or a sequence of at most ``steps``
+    (a, b, c) triples; a schedule shorter than ``steps`` repeats its last triple (a named one
+    longer than ``steps`` is cut: its triples are tuned per step).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
@@ -46,15 +48,30 @@ def ns_schedule(coefficients="jordan", steps: int = 5) -> tuple[list[Triple], fl
             raise ValueError(f"coefficients must be one of {sorted(_SCHEDULES)} or a list of (a, b, c), got {coefficients!r}")
         triples, mult, eps = _SCHEDULES[coefficients]
     else:
-        try:
-            triples = tuple(tuple(float(x) for x in t) for t in coefficients)
-        except TypeError:
-            raise ValueError(f"coefficients must be a name or a list of (a, b, c) triples, got {coefficients!r}") from None
-        if not triples or any(len(t) != 3 for t in triples):
-            raise ValueError(f"coefficients must be a non-empty list of (a, b, c) triples, got {coefficients!r}")
-        mult, eps = 1.0, 1e-7
+        triples, mult, eps = _coefficient_triples(coefficients), 1.0, 1e-7
+        if len(triples) > steps:
+            raise ValueError(f"coefficients lists {len(triples)} (a, b, c) triples for steps={steps}: give one triple "
+                             "per step, or fewer (the last repeats); extra triples would be silently dropped")
     per_step = [tuple(triples[min(i, len(triples) - 1)]) for i in range(steps)]
     return per_step, mult, eps
+
+
+def _coefficient_triples(coefficients) -> tuple[Triple, ...]:
+    """A non-empty list of (a, b, c) triples of finite real numbers, as floats."""
+    bad = ValueError(f"coefficients must be a name ({sorted(_SCHEDULES)}) or a non-empty list of (a, b, c) triples "
+                     f"of finite real numbers, got {coefficients!r}")
+    if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__iter__"):
+        raise bad
+    triples = []
+    for t in coefficients:
+        if isinstance(t, (str, bytes)) or not hasattr(t, "__len__") or len(t) != 3:
+            raise bad
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) for x in t):
+            raise bad
+        triples.append(tuple(float(x) for x in t))
+    if not triples:
+        raise bad
+    return tuple(triples)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", dtype: torch.dtype | None = None) -> torch.Tensor:
