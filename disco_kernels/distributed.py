@@ -43,6 +43,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ._backend import on_device
 from ._finite import finite_mask
 from .lmo import BiasRMS, ColNorm, RowNorm, Sign
+from .reference import norm2
 
 BUCKET_BYTES = 64 << 20
 _SAME_ERRORS = (ValueError, TypeError, FloatingPointError, NotImplementedError)
@@ -336,7 +337,7 @@ def _start_reduce(subparts, dirs, stats):
         row = []
         for p, g in zip(sub.params, dirs[k]):
             dim, _ = reduction(sub.norm, p.shape)
-            ss = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(dim, keepdim=True)
+            ss = norm2(g, dim).square()  # fp64: a huge finite g does not overflow
             row.append(ss)
             if dim == 0:
                 by_group[layout(p).group].append((k, len(row) - 1))
@@ -359,7 +360,7 @@ def _finish_reduce(subparts, dirs, sums, pending, updates) -> None:
     for k, sub in enumerate(subparts):
         for j, (p, g) in enumerate(zip(sub.params, dirs[k])):
             _, mult = reduction(sub.norm, p.shape)
-            updates[k][j] = g / ((sums[k][j].sqrt() * mult).to(g.dtype) + 1e-8)
+            updates[k][j] = (g / (sums[k][j].sqrt() * mult + 1e-8)).to(g.dtype)  # in fp64, as reference's LMOs
 
 
 # -- agreement --------------------------------------------------------------------

@@ -84,8 +84,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", dtype:
     dtype = dtype or G.dtype
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
-    norm = torch.linalg.vector_norm(X.to(torch.promote_types(dtype, torch.float32)), dim=(-2, -1), keepdim=True)
-    X = (X / (mult * norm + eps)).to(dtype)
+    X = (X / (mult * norm2(X, (-2, -1)) + eps)).to(dtype)
     for a, b, c in triples:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -128,14 +127,26 @@ def lmo_spectral_conv(g, steps=5, coefficients="jordan", dtype=None, exact=False
     return X.reshape(g.shape) * spectral_conv_scale(g.shape)
 
 
+def norm2(x: torch.Tensor, dim) -> torch.Tensor:
+    """||x||_2 over ``dim`` (kept), in fp64, without overflow or underflow for any finite x: 16/32-bit x is
+    summed in fp64 (no square of theirs leaves fp64's range); fp64 x whose plain norm overflows or
+    underflows (inf, or 0 for a non-zero line) is scaled by its largest |x| first."""
+    direct = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float64)
+    if x.dtype != torch.float64 or x.numel() == 0:
+        return direct
+    big = x.abs().amax(dim=dim, keepdim=True)
+    scaled = torch.linalg.vector_norm(x / torch.where(big > 0, big, 1), dim=dim, keepdim=True) * big
+    return torch.where(direct.isinf() | ((direct == 0) & (big > 0)), scaled, direct)
+
+
 def lmo_colnorm(g, normalized=False, transpose=False):
     """ColNorm: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8."""
     if transpose:
         g = g.mT
-    rms = torch.linalg.vector_norm(g, dim=-2, keepdim=True) / math.sqrt(g.size(-2))
+    rms = norm2(g, -2) / math.sqrt(g.size(-2))
     if normalized:
         rms = rms * g.size(-1)
-    out = g / (rms + 1e-8)
+    out = (g / (rms + 1e-8)).to(g.dtype)
     return out.mT if transpose else out
 
 
@@ -143,10 +154,10 @@ def lmo_rownorm(g, normalized=True, transpose=False):
     """RowNorm: each row over ||row||_2 (times sqrt(d_in) if normalized) + 1e-8."""
     if transpose:
         g = g.mT
-    rms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    rms = norm2(g, -1)
     if normalized:
         rms = rms * math.sqrt(g.size(-1))
-    out = g / (rms + 1e-8)
+    out = (g / (rms + 1e-8)).to(g.dtype)
     return out.mT if transpose else out
 
 
@@ -158,9 +169,8 @@ def lmo_sign(g, normalized=True):
 
 def lmo_bias_rms(g):
     """BiasRMS: g / (rms(g) + 1e-8), rms over dim 0 as in the reference."""
-    if g.dim() == 0:
-        return g / (g.abs() + 1e-8)
-    return g / (torch.sqrt(torch.mean(g * g, dim=0, keepdim=True)) + 1e-8)
+    rms = g.abs() if g.dim() == 0 else norm2(g, 0) / math.sqrt(g.size(0))
+    return (g / (rms + 1e-8)).to(g.dtype)
 
 
 def scion_update(p, g, buf, lmo, lr, momentum, scale, unconstrained):

@@ -166,3 +166,33 @@ def test_monitor_refuses_bad_model_optimizer_and_path(tmp_path):
     with pytest.raises(ValueError, match="updates none of the model's monitored weights"):
         norms.NormMonitor(model, dk.Scion(other.parameters()))
     norms.NormMonitor(model, dk.Scion(model.parameters()), csv_path=tmp_path / "norms.csv")  # fine
+
+
+# -- huge finite gradients ---------------------------------------------------------------------------
+
+HUGE = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float64: 1e200}  # squares overflow the dtype
+
+
+@pytest.mark.parametrize("dtype", list(HUGE))
+@pytest.mark.parametrize("norm,kwargs", [("Spectral", {"dtype": "float32"}), ("ColNorm", {"transpose": True}),
+                                         ("RowNorm", {}), ("BiasRMS", {}), ("Sign", {})])
+def test_huge_finite_gradients_do_not_overflow(dtype, norm, kwargs):
+    """Norms of a huge but finite gradient are taken without overflow: every LMO is invariant to the
+    gradient's scale but for its 1e-8, so the step is the one of the gradient scaled down to norms of
+    ~1e10 (where the 1e-8 is below fp64's rounding and no square overflows), within the rule (plain: the
+    oracle in the dtype on that scaled-down gradient)."""
+    import oracle
+    from tolerances import assert_close, plain_dtype
+
+    shape = (17,) if norm == "BiasRMS" else (6, 9)
+    g = torch.randn(shape, dtype=torch.float64)
+    p = nn.Parameter(torch.zeros(shape, dtype=dtype))
+    p.grad = (g * HUGE[dtype]).to(dtype)
+    dk.Scion([p], lr=1.0, norm=norm, norm_kwargs=kwargs, unconstrained=True, backend="torch").step()
+    kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}  # the oracle iterates in its input's dtype
+    scaled = p.grad.double() * (1e10 / HUGE[dtype])
+    exact = -oracle.lmo(norm, scaled, **kwargs)
+    d = torch.float32 if norm == "Spectral" and dtype == torch.float64 else dtype  # (fp32 Newton-Schulz)
+    plain = -oracle.lmo(norm, scaled.to(torch.float32 if norm == "Spectral" else plain_dtype(d)), **kwargs)
+    assert p.isfinite().all()
+    assert_close(p.detach(), exact, plain.to(plain_dtype(d)), d)  # (stored in p's dtype)

@@ -13,7 +13,7 @@ import torch
 
 from .. import _backend
 from .._validate import as_dtype
-from ..reference import ns_schedule
+from ..reference import norm2, ns_schedule
 
 # Backends with a kernel for this op; "auto" takes cuda, then triton, then torch.
 KERNELS = ("torch", "triton", "cuda")
@@ -60,8 +60,7 @@ def _torch(G, triples, mult, eps, dtype):
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
     acc = torch.promote_types(accumulate_dtype(dtype), X.dtype)  # fp64 G keeps its norm in fp64
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
-    X = (X.to(acc) / (mult * norm + eps)).to(dtype)
+    X = (X.to(acc) / (mult * norm2(X, (-2, -1)) + eps).to(acc)).to(dtype)  # (norm2: no overflow)
     for a, b, c in triples:
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
