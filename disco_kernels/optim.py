@@ -157,6 +157,9 @@ class Scion(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise ValueError(f"Scion does not support sparse gradients: {_param_name(group, i, p, gi)}")
                 like(g, p, f"the gradient of {_param_name(group, i, p, gi)}", "the param")
+                if isinstance(p, distributed.DTensor):  # and its local shard, which the sharded route reads
+                    like(*local([g, p]), f"this rank's shard of the gradient of {_param_name(group, i, p, gi)}",
+                         "the param's shard")
                 concrete = norm.resolve(p.shape)
                 concrete.check(p.shape, _param_where(group.get("param_names"), gi, i))
                 if self.backend != "auto" and not torch.compiler.is_compiling():  # (the ops check it when compiled)
@@ -236,16 +239,22 @@ class Scion(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One Scion step; returns ``closure()``'s loss when a closure is given."""
-        loss = None
+        loss, err = None, None
+        flat = self._flat_params()
+        spread = self._is_distributed(flat)
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
-        flat = self._flat_params()
-        if self._is_distributed(flat):
+                try:
+                    loss = closure()
+                except Exception as e:  # distributed: raised on every rank by the agreement, none left waiting
+                    if not spread:
+                        raise
+                    err = e
+        if spread:
             def name(k):
                 gi, i, p = flat[k]
                 return _param_name(self.param_groups[gi], i, p, gi)
-            self.comm_stats = distributed.step(self, [p for _, _, p in flat], name)
+            self.comm_stats = distributed.step(self, [p for _, _, p in flat], name, err)
             return loss
         parts = self._plan()
         if not self._all_finite(parts):
