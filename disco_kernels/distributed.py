@@ -445,7 +445,10 @@ def _raise_agreed(group, err, device, changed: str = "no parameter or state was 
     cls = next((c for c in _SAME_ERRORS if c.__name__ == name), None)
     if cls is None:  # another kind of error (a closure's KeyError, a kernel's RuntimeError): named in the message
         cls, msg = RuntimeError, f"{name}: {msg}"
-    raise cls(f"{msg} [rank {src} of {world}; {changed}]") from err
+    where = f"rank {src} of {world}"
+    if group is not None and group is not dist.group.WORLD and dist.get_global_rank(group, src) != src:
+        where += f" in its process group, global rank {dist.get_global_rank(group, src)}"
+    raise cls(f"{msg} [{where}; {changed}]") from err
 
 
 def agree(opt, params, names, groups, err=None):

@@ -35,7 +35,7 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
         if v.shape != W.shape[:-2] + W.shape[-1:]:
             raise ValueError(f"v must have shape {tuple(W.shape[:-2] + W.shape[-1:])} for W of shape {tuple(W.shape)}, "
                              f"got {tuple(v.shape)}")
-        if not torch.compiler.is_compiling():  # (one host sync; a traced warm start is the caller's own v)
+        if v.numel() and not torch.compiler.is_compiling():  # (one host sync; a traced warm start is the caller's)
             norms = torch.linalg.vector_norm(v.double(), dim=-1)
             if not ((norms > 0) & norms.isfinite()).all():
                 raise ValueError("v must be a finite non-zero start vector per matrix (a zero v gives sigma = 0)")
