@@ -30,6 +30,7 @@ rank fail validation, which params have gradients, and which are non-finite.
 from __future__ import annotations
 
 import functools
+import hashlib
 import heapq
 import math
 import warnings
@@ -43,6 +44,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ._backend import on_device
 from ._finite import finite_mask
 from .lmo import BiasRMS, ColNorm, RowNorm, Sign
+from .reference import norm2
 
 BUCKET_BYTES = 64 << 20
 _SAME_ERRORS = (ValueError, TypeError, FloatingPointError, NotImplementedError)
@@ -221,18 +223,23 @@ class Stats:
 class _Owned:
     """The owner-route work of one process group: items, their directions and LMOs."""
 
-    def __init__(self, subparts, dirs, items, backend, stats):
+    def __init__(self, subparts, dirs, items, backend, stats, guard):
         self.subparts, self.dirs, self.items, self.backend, self.stats = subparts, dirs, items, backend, stats
+        self.guard = guard
 
     def lmo(self, idx: list[int], fulls: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """LMOs of items ``idx`` (full directions in ``fulls``), batched per sub-part."""
+        """LMOs of items ``idx`` (full directions in ``fulls``), batched per sub-part (zeros stand in
+        for the results of a failed compute: ``guard`` raises it on every rank before any write)."""
         by_part = defaultdict(list)
         for i in idx:
             by_part[self.items[i].part].append(i)
         out = {}
         for part, ids in by_part.items():
             norm = self.subparts[part].norm
-            for i, u in zip(ids, norm.lmo_many([fulls[i] for i in ids], backend=self.backend)):
+            gs = [fulls[i] for i in ids]
+            us = self.guard.run(lambda: norm.lmo_many(gs, backend=self.backend),
+                                lambda: [g.new_zeros(g.shape, dtype=norm.dtype) for g in gs])
+            for i, u in zip(ids, us):
                 out[i] = u
                 self.stats.ns_flops += self.items[i].cost
         return out
@@ -328,7 +335,7 @@ def _sharded(work: _Owned, group, updates) -> None:
             updates[items[i].part][items[i].pos] = flat.view(splits[i][rank], *items[i].shape[1:])
 
 
-def _start_reduce(subparts, dirs, stats):
+def _start_reduce(subparts, dirs, stats, guard):
     """Local sums of squares of every reduce-route direction; those over the sharded dim start
     one async all-reduce per group. Returns (sums, pending all-reduces)."""
     sums, by_group = [], defaultdict(list)
@@ -336,7 +343,8 @@ def _start_reduce(subparts, dirs, stats):
         row = []
         for p, g in zip(sub.params, dirs[k]):
             dim, _ = reduction(sub.norm, p.shape)
-            ss = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(dim, keepdim=True)
+            ss = guard.run(lambda: norm2(g, dim).square(),  # fp64: a huge finite g does not overflow
+                           lambda: g.new_zeros(g.sum(dim, keepdim=True).shape, dtype=torch.float64))
             row.append(ss)
             if dim == 0:
                 by_group[layout(p).group].append((k, len(row) - 1))
@@ -359,31 +367,70 @@ def _finish_reduce(subparts, dirs, sums, pending, updates) -> None:
     for k, sub in enumerate(subparts):
         for j, (p, g) in enumerate(zip(sub.params, dirs[k])):
             _, mult = reduction(sub.norm, p.shape)
-            updates[k][j] = g / ((sums[k][j].sqrt() * mult).to(g.dtype) + 1e-8)
+            updates[k][j] = (g / (sums[k][j].sqrt() * mult + 1e-8)).to(g.dtype)  # in fp64, as reference's LMOs
 
 
 # -- agreement --------------------------------------------------------------------
 
-def _flags(params, err, check_finite: bool, device) -> torch.Tensor:
-    """[failed, has grad (n), lacks grad (n), non-finite (n)] as 0/1 for a MAX all-reduce."""
-    n = len(params)
-    flags = torch.zeros(1 + 3 * n, dtype=torch.float32)
-    flags[0] = err is not None
-    grads = []  # with a non-empty local gradient (an empty one is finite)
-    for k, p in enumerate(params):
-        flags[1 + k + (n if p.grad is None else 0)] = 1
-        if p.grad is not None and local([p.grad])[0].numel():
-            grads.append(k)
+# The header every rank contributes to one MAX all-reduce before a step touches anything. Its size is
+# fixed, so ranks that hold different param lists still meet in the same collective (a per-param flags
+# tensor of another length would abort gloo or hang NCCL); each value v travels as (v, -v) so that the
+# MAX also yields the minimum and any disagreement shows.
+FAILED, COUNT, PARAMS, GRADS, NONFINITE = 0, 1, 3, 5, 7
+HEADER = 8
+
+
+def fingerprint(items) -> int:
+    """A 62-bit hash of ``items``' reprs: equal on every rank that holds the same items."""
+    digest = hashlib.blake2b("\x1f".join(map(repr, items)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def _header(params, err, check_finite: bool, device) -> torch.Tensor:
+    """This rank's header: failed, param count, fingerprints of the param list (shapes, dtypes) and of
+    which params have gradients, and whether any gradient is non-finite (found on the device, no sync)."""
+    has = [p.grad is not None for p in params]
+    values = {FAILED: int(err is not None), COUNT: len(params),
+              PARAMS: fingerprint((tuple(p.shape), p.dtype) for p in params), GRADS: fingerprint(has)}
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    for at, v in values.items():
+        if at != FAILED:
+            header[at + 1] = -v
+        header[at] = v
     # non_blocking: a plain host-to-device copy synchronises the host with the device's stream
-    flags = flags.to(device, non_blocking=True)
+    header = header.to(device, non_blocking=True)
+    grads = [params[k].grad for k in range(len(params)) if has[k] and local([params[k].grad])[0].numel()]
     if check_finite and grads and err is None:
-        bad = (~finite_mask(local([params[k].grad for k in grads])).to(device)).float()
-        idx = torch.tensor([1 + 2 * n + k for k in grads]).to(device, non_blocking=True)
-        flags.index_copy_(0, idx, bad)
-    return flags
+        header[NONFINITE] = (~finite_mask(local(grads)).to(device)).any()
+    return header
 
 
-def _raise_agreed(group, err, device) -> None:
+def _all_reduce_max(t: torch.Tensor, groups) -> torch.Tensor:
+    for group in groups:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def _disagree(header, at) -> bool:
+    return bool(header[at] != -header[at + 1])
+
+
+def _first_param(params, groups, device, flag) -> int:
+    """(Error path, every rank) the first param for which ``flag(p)`` holds on some rank but not on all:
+    a MAX all-reduce of (flag, not flag) per param."""
+    n = len(params)
+    mine = torch.tensor([float(flag(p)) for p in params] + [float(not flag(p)) for p in params]).to(device)
+    both = _all_reduce_max(mine, groups).cpu()
+    return int((both[:n] * both[n:]).nonzero()[0])
+
+
+def _first_nonfinite(params, groups, device) -> int:
+    """(Error path, every rank) the first param whose gradient is non-finite on some rank."""
+    bad = torch.tensor([float(p.grad is not None and not local([p.grad])[0].isfinite().all()) for p in params])
+    return int(_all_reduce_max(bad.to(device), groups).cpu().nonzero()[0])
+
+
+def _raise_agreed(group, err, device, changed: str = "no parameter or state was modified on any rank") -> None:
     """Raise the same exception on every rank: the first failing rank's, naming that rank."""
     world = dist.get_world_size(group)
     mine = None if err is None else (type(err).__name__, str(err))
@@ -393,69 +440,116 @@ def _raise_agreed(group, err, device) -> None:
         dist.all_gather_object(gathered, mine, group=group)
     src = next((r for r, e in enumerate(gathered) if e is not None), None)
     if src is None:
-        raise RuntimeError("Scion: a rank of another process group failed validation; no parameter was modified")
+        raise RuntimeError(f"Scion: a rank of another process group failed; {changed}")
     name, msg = gathered[src]
-    cls = next((c for c in _SAME_ERRORS if c.__name__ == name), RuntimeError)
-    raise cls(f"{msg} [rank {src} of {world}; no parameter or state was modified on any rank]") from err
+    cls = next((c for c in _SAME_ERRORS if c.__name__ == name), None)
+    if cls is None:  # another kind of error (a closure's KeyError, a kernel's RuntimeError): named in the message
+        cls, msg = RuntimeError, f"{name}: {msg}"
+    where = f"rank {src} of {world}"
+    if group is not None and group is not dist.group.WORLD and dist.get_global_rank(group, src) != src:
+        where += f" in its process group, global rank {dist.get_global_rank(group, src)}"
+    raise cls(f"{msg} [{where}; {changed}]") from err
 
 
-def agree(opt, params, names, groups):
-    """Plan the step on every rank and agree on its validity with one all-reduce.
+def agree(opt, params, names, groups, err=None):
+    """Plan the step on every rank and agree on its validity with one fixed-size all-reduce (a second one
+    only to name the param of an error). ``err``: this rank's failure so far (e.g. its closure's).
     Returns the parts to run, or None when the step is skipped everywhere."""
-    try:
-        parts, err = opt._plan(), None
-    except Exception as e:  # one rank's bad input must not leave the others in a collective
-        parts, err = [], e
+    parts = []
+    if err is None:
+        try:
+            parts = opt._plan()
+        except Exception as e:  # one rank's bad input must not leave the others in a collective
+            err = e
     device = local([params[0]])[0].device if params else torch.device("cpu")
-    flags = _flags(params, err, opt.nonfinite != "ignore", device)
-    for group in groups:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    flags = flags.cpu()
-    n = len(params)
-    if flags[0]:
+    header = _all_reduce_max(_header(params, err, opt.nonfinite != "ignore", device), groups).cpu()
+    if header[FAILED]:
         _raise_agreed(groups[0], err, device)
-    has, lacks, bad = flags[1:1 + n], flags[1 + n:1 + 2 * n], flags[1 + 2 * n:]
-    split = (has * lacks).nonzero()
-    if len(split):
-        raise ValueError(f"{names(int(split[0]))} has a gradient on some ranks and none on others; every rank must "
+    if _disagree(header, COUNT) or _disagree(header, PARAMS):
+        raise ValueError(f"the ranks' optimizers hold different param lists (this rank: {len(params)} params; "
+                         "counts, shapes or dtypes differ across ranks); every rank must build the optimizer over "
+                         "the same params in the same order (no parameter or state was modified)")
+    if _disagree(header, GRADS):
+        k = _first_param(params, groups, device, lambda p: p.grad is not None)
+        raise ValueError(f"{names(k)} has a gradient on some ranks and none on others; every rank must "
                          "step the same params (no parameter or state was modified)")
-    if bad.any():
+    if header[NONFINITE]:
         if opt.nonfinite == "skip":
             warnings.warn("Scion: non-finite gradient on some rank, step skipped on every rank (parameters and "
                           "state unchanged)", RuntimeWarning, stacklevel=4)
             return None
-        raise FloatingPointError(f"non-finite gradient in {names(int(bad.nonzero()[0]))} on at least one rank; no "
-                                 "parameter or state was modified on any rank (nonfinite='skip' skips such steps)")
+        k = _first_nonfinite(params, groups, device)
+        raise FloatingPointError(f"non-finite gradient in {names(k)} on at least one rank; no parameter or state "
+                                 "was modified on any rank (nonfinite='skip' skips such steps)")
     return parts
+
+
+class _Guard:
+    """Keeps the first exception of this rank's compute so that the rank still takes part in every
+    collective of the step (with stand-in data); ``check`` then makes every rank raise it."""
+
+    def __init__(self):
+        self.err = None
+
+    def run(self, fn, fallback):
+        if self.err is not None:
+            return fallback()
+        try:
+            return fn()
+        except Exception as e:
+            self.err = e
+            return fallback()
+
+    def check(self, groups, device) -> None:
+        """One MAX all-reduce of 'failed'; on failure every rank raises the failing rank's error."""
+        failed = _all_reduce_max(torch.tensor([int(self.err is not None)]).to(device, non_blocking=True), groups)
+        if failed.item():
+            _raise_agreed(groups[0], self.err, device, "no parameter was modified on any rank, but the momentum "
+                          "buffers of the Newton-Schulz and row-shard routes were already updated")
 
 
 # -- the step -----------------------------------------------------------------------
 
-def step(opt, params, names) -> Stats:
-    """One distributed Scion step of ``opt`` over its flat ``params``; ``names(k)`` describes params[k]."""
+def step(opt, params, names, err=None) -> Stats:
+    """One distributed Scion step of ``opt`` over its flat ``params``; ``names(k)`` describes params[k];
+    ``err``: an exception this rank already met (its closure's), raised on every rank.
+
+    Agreement, then the communicating compute (a failure there still takes part in every collective
+    and is raised on every rank before any write), then the writes, which communicate no more: a
+    failure among them leaves the other ranks' writes done, and says that replicas may differ."""
     lays = [layout(p, opt.process_group) for p in params]
     groups = list(dict.fromkeys(lay.group for lay in lays if lay.group is not None))
     stats = Stats(collectives=len(groups))
-    parts = agree(opt, params, names, groups)
+    parts = agree(opt, params, names, groups, err)
     if parts is None:
         return stats
+    device = local([params[0]])[0].device
     subs = {"local": [], "owner": [], "reduce": []}
     for part in parts:
         for r, sub in _split(part, opt.process_group).items():
             subs[r].append(sub)
-    for sub in subs["local"]:
-        opt._run(sub)
-    dirs_owner = [opt._directions(sub) for sub in subs["owner"]]
-    dirs_reduce = [opt._directions(sub) for sub in subs["reduce"]]
+    guard = _Guard()
+    dirs_owner = [guard.run(lambda: opt._directions(sub), lambda: local(sub.grads)) for sub in subs["owner"]]
+    dirs_reduce = [guard.run(lambda: opt._directions(sub), lambda: local(sub.grads)) for sub in subs["reduce"]]
     up_owner = [[None] * len(d) for d in dirs_owner]
     up_reduce = [[None] * len(d) for d in dirs_reduce]
-    sums, pending = _start_reduce(subs["reduce"], dirs_reduce, stats)
+    sums, pending = _start_reduce(subs["reduce"], dirs_reduce, stats, guard)
     for (kind, group, *_), items in _owner_items(subs["owner"], opt.process_group).items():
-        work = _Owned(subs["owner"], dirs_owner, items, opt.backend, stats)
+        work = _Owned(subs["owner"], dirs_owner, items, opt.backend, stats, guard)
         (_sharded if kind == "sharded" else _replicated)(work, group, up_owner)
     _finish_reduce(subs["reduce"], dirs_reduce, sums, pending, up_reduce)
-    for sub, ups in zip(subs["owner"] + subs["reduce"], up_owner + up_reduce):
-        opt._apply(sub, ups)
+    if groups and (subs["owner"] or subs["reduce"]):  # (the same on every rank: routes follow the agreed params)
+        guard.check(groups, device)  # one host sync: no rank writes a step that another failed to compute
+        stats.collectives += len(groups)
+    try:
+        for sub in subs["local"]:
+            opt._run(sub)
+        for sub, ups in zip(subs["owner"] + subs["reduce"], up_owner + up_reduce):
+            opt._apply(sub, ups)
+    except Exception as e:
+        raise RuntimeError(f"Scion: writing the step failed on rank {dist.get_rank()} after the ranks agreed on it: "
+                           f"{type(e).__name__}: {e}. Parameters may now differ across ranks: restore them "
+                           "from a checkpoint") from e
     return stats
 
 

@@ -15,21 +15,10 @@ from collections import defaultdict
 import torch
 
 from . import reference
+from ._validate import as_dtype, count, flag
 from .ops import newton_schulz
 from .ops.fused_update import choose_backend as fused_backend
 from .ops.newton_schulz import choose_backend as ns_backend
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-
-
-def _as_dtype(dtype):
-    """torch.dtype from a dtype or its name (names keep state_dicts weights_only-safe)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
-
 
 class Norm:
     """Base class: the tensor ranks a norm accepts and the LMO API."""
@@ -86,10 +75,10 @@ class _NewtonSchulzNorm(Norm):
     """Shared machinery of Spectral and SpectralConv: batched Newton-Schulz."""
 
     def __init__(self, steps=5, coefficients="jordan", dtype="bfloat16"):
-        reference.ns_schedule(coefficients, steps)  # validates
+        reference.ns_schedule(coefficients, count(steps, "steps"))  # validates
         self.steps = steps
         self.coefficients = coefficients
-        self.dtype = _as_dtype(dtype)
+        self.dtype = as_dtype(dtype)
 
     def scale_for(self, shape) -> float:
         raise NotImplementedError
@@ -133,8 +122,8 @@ class Spectral(_NewtonSchulzNorm):
 
     def __init__(self, max=False, normalized=True, steps=5, *, coefficients="jordan", dtype="bfloat16"):
         super().__init__(steps, coefficients, dtype)
-        self.max = max
-        self.normalized = normalized
+        self.max = flag(max, "max")
+        self.normalized = flag(normalized, "normalized")
 
     def scale_for(self, shape):
         return reference.spectral_scale(shape[0], shape[1], self.normalized, self.max)
@@ -170,8 +159,8 @@ class _AxisNorm(Norm):
     reference_lmo = None  # reference.lmo_colnorm or reference.lmo_rownorm
 
     def __init__(self, normalized, transpose):
-        self.normalized = normalized
-        self.transpose = transpose
+        self.normalized = flag(normalized, "normalized")
+        self.transpose = flag(transpose, "transpose")
 
     def flags(self):
         return {"normalized": self.normalized, "transpose": self.transpose}
@@ -226,8 +215,8 @@ class Sign(Norm):
     fused = "Sign"
 
     def __init__(self, zero_init=False, normalized=True):
-        self.zero_init = zero_init
-        self.normalized = normalized
+        self.zero_init = flag(zero_init, "zero_init")
+        self.normalized = flag(normalized, "normalized")
 
     def flags(self):
         return {"normalized": self.normalized}

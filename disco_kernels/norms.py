@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -108,6 +109,12 @@ class NormMonitor:
             raise ValueError(f"target must be a finite number (a log2 norm), got {target!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if csv_path is not None and not Path(csv_path).parent.is_dir():
+            raise ValueError(f"csv_path {str(csv_path)!r}: its directory does not exist")
         params = dict(model.named_parameters())
         self.layers = {n: (r, params[n]) for n, r in classify(model, output=output, roles=roles).items()
                        if r != "vector"}
@@ -122,6 +129,10 @@ class NormMonitor:
         self._before: dict[str, torch.Tensor] | None = None
         self._hooks = []
         if optimizer is not None:
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if self.layers and not any(id(p) in stepped for _, p in self.layers.values()):
+                raise ValueError("the optimizer updates none of the model's monitored weights (a monitor for "
+                                 "another model would record zero updates)")
             self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.before_step()),
                            optimizer.register_step_post_hook(lambda *_: self.step())]
 

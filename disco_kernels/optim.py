@@ -25,12 +25,14 @@ import torch
 
 from . import _backend, distributed
 from ._finite import finite_mask
+from ._validate import like, real_tensor
 from .distributed import local
 from .lmo import Norm, make_norm
 from .ops import fused_update
 from .ops.fused_update import apply_update_, momentum_
 
 NONFINITE = ("raise", "skip", "ignore")
+STATE_TENSORS = {"momentum_buffer", "grad_state"}  # per-param state: Scion's buffer, ScionLight's carried grad
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Scion(torch.optim.Optimizer):
             p = p[1] if isinstance(p, tuple) else p
             if isinstance(p, torch.Tensor):
                 where = _param_where(names, len(self.param_groups), i)
+                real_tensor(p, where)
                 norm.check(p.shape, where)
                 if self.backend != "auto":  # a forced backend that cannot run these params fails now, not at step 1
                     local_p = local([p.detach()])[0]
@@ -149,10 +152,14 @@ class Scion(torch.optim.Optimizer):
             seen: dict[int, int] = defaultdict(int)  # a param listed k times steps k times, as in the reference
             for i, p in enumerate(group["params"]):
                 g = p.grad
-                if g is None:
+                if g is None or p.numel() == 0:  # (a zero-size param has nothing to step)
                     continue
                 if g.is_sparse:
                     raise ValueError(f"Scion does not support sparse gradients: {_param_name(group, i, p, gi)}")
+                like(g, p, f"the gradient of {_param_name(group, i, p, gi)}", "the param")
+                if isinstance(p, distributed.DTensor):  # and its local shard, which the sharded route reads
+                    like(*local([g, p]), f"this rank's shard of the gradient of {_param_name(group, i, p, gi)}",
+                         "the param's shard")
                 concrete = norm.resolve(p.shape)
                 concrete.check(p.shape, _param_where(group.get("param_names"), gi, i))
                 if self.backend != "auto" and not torch.compiler.is_compiling():  # (the ops check it when compiled)
@@ -232,16 +239,22 @@ class Scion(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One Scion step; returns ``closure()``'s loss when a closure is given."""
-        loss = None
+        loss, err = None, None
+        flat = self._flat_params()
+        spread = self._is_distributed(flat)
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
-        flat = self._flat_params()
-        if self._is_distributed(flat):
+                try:
+                    loss = closure()
+                except Exception as e:  # distributed: raised on every rank by the agreement, none left waiting
+                    if not spread:
+                        raise
+                    err = e
+        if spread:
             def name(k):
                 gi, i, p = flat[k]
                 return _param_name(self.param_groups[gi], i, p, gi)
-            self.comm_stats = distributed.step(self, [p for _, _, p in flat], name)
+            self.comm_stats = distributed.step(self, [p for _, _, p in flat], name, err)
             return loss
         parts = self._plan()
         if not self._all_finite(parts):
@@ -256,6 +269,8 @@ class Scion(torch.optim.Optimizer):
         for group in self.param_groups:
             norm = make_norm(group["norm"], group["norm_kwargs"])
             for p in group["params"]:
+                if p.numel() == 0:
+                    continue
                 if isinstance(p, distributed.DTensor):  # the same full init on every rank, then its shard
                     full = torch.empty(p.shape, dtype=p.dtype, device=local([p])[0].device)
                     norm.resolve(p.shape).init(full)
@@ -267,28 +282,46 @@ class Scion(torch.optim.Optimizer):
     # -- state ----------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load after checking that saved groups and state fit these params; on error nothing changes."""
-        groups, saved_groups = self.param_groups, state_dict.get("param_groups")
-        if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
-            raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no'} "
-                             f"param groups, this optimizer has {len(groups)}")
+        """Load after checking that the saved groups and state fit these params (structure, group keys and
+        values, buffer shapes and finiteness); on error nothing changes."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+                or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError("state_dict must be a dict with a 'state' dict and a 'param_groups' list (as "
+                             "Scion.state_dict() returns)")
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}")
         params = {}
         for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"param_groups[{gi}] has {len(group['params'])} params, the state_dict's has "
-                                 f"{len(saved['params'])}")
-            _check_hyper({**self.defaults, **saved})
+            missing = [k for k in ("params", *self.defaults) if not isinstance(saved, dict) or k not in saved]
+            if missing:
+                raise ValueError(f"state_dict param_groups[{gi}] lacks {missing} (not a Scion state dict: a "
+                                 "torch.optim one has no norm or scale)")
+            if not isinstance(saved["params"], list) or len(saved["params"]) != len(group["params"]):
+                got = len(saved["params"]) if isinstance(saved["params"], list) else type(saved["params"]).__name__
+                raise ValueError(f"param_groups[{gi}] has {len(group['params'])} params, the state_dict's has {got}")
+            _check_hyper(saved)
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 params[pid] = (gi, i, p)
-        for pid, state in state_dict.get("state", {}).items():
+        for pid, state in state_dict["state"].items():
             if pid not in params:
                 raise ValueError(f"state_dict has state for param id {pid!r}, which no param group lists")
             gi, i, p = params[pid]
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
-                    raise ValueError(f"state_dict state {key!r} has shape {tuple(value.shape)}, but "
-                                     f"{_param_name(groups[gi], i, p, gi)} needs {tuple(p.shape)}")
+            if not isinstance(state, dict):
+                raise ValueError(f"state_dict state[{pid!r}] must be a dict, got {type(state).__name__}")
+            for key in STATE_TENSORS & set(state):
+                self._check_saved(state[key], key, p, _param_name(groups[gi], i, p, gi))
         super().load_state_dict(state_dict)
+
+    def _check_saved(self, value, key: str, p: torch.Tensor, where: str) -> None:
+        """A saved momentum of ``p``: a real tensor of p's shape, finite unless nonfinite='ignore'."""
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != p.shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"state_dict state {key!r} of {where} must be a floating-point tensor of shape "
+                             f"{tuple(p.shape)}, got {got}")
+        if self.nonfinite != "ignore" and not local([value])[0].isfinite().all():
+            raise FloatingPointError(f"state_dict state {key!r} of {where} has inf or nan entries: it would poison "
+                                     "the weights (nonfinite='ignore' loads it anyway)")
 
 
 class ScionLight(Scion):

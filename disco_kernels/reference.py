@@ -8,6 +8,7 @@ Nothing here is tuned for speed.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -36,8 +37,9 @@ _SCHEDULES = {
 def ns_schedule(coefficients="jordan", steps: int = 5) -> tuple[list[Triple], float, float]:
     """Resolve a coefficient schedule into (per-step triples, norm multiplier, norm eps).
 
-    ``coefficients`` is ``"jordan"``, ``"polar_express"`` or a sequence of
-    (a, b, c) triples; a schedule shorter than ``steps`` repeats its last triple.
+    ``coefficients`` is ``"jordan"``, ``"polar_express"`` or a sequence of at most ``steps``
+    (a, b, c) triples; a schedule shorter than ``steps`` repeats its last triple (a named one
+    longer than ``steps`` is cut: its triples are tuned per step).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
@@ -46,15 +48,30 @@ def ns_schedule(coefficients="jordan", steps: int = 5) -> tuple[list[Triple], fl
             raise ValueError(f"coefficients must be one of {sorted(_SCHEDULES)} or a list of (a, b, c), got {coefficients!r}")
         triples, mult, eps = _SCHEDULES[coefficients]
     else:
-        try:
-            triples = tuple(tuple(float(x) for x in t) for t in coefficients)
-        except TypeError:
-            raise ValueError(f"coefficients must be a name or a list of (a, b, c) triples, got {coefficients!r}") from None
-        if not triples or any(len(t) != 3 for t in triples):
-            raise ValueError(f"coefficients must be a non-empty list of (a, b, c) triples, got {coefficients!r}")
-        mult, eps = 1.0, 1e-7
+        triples, mult, eps = _coefficient_triples(coefficients), 1.0, 1e-7
+        if len(triples) > steps:
+            raise ValueError(f"coefficients lists {len(triples)} (a, b, c) triples for steps={steps}: give one triple "
+                             "per step, or fewer (the last repeats); extra triples would be silently dropped")
     per_step = [tuple(triples[min(i, len(triples) - 1)]) for i in range(steps)]
     return per_step, mult, eps
+
+
+def _coefficient_triples(coefficients) -> tuple[Triple, ...]:
+    """A non-empty list of (a, b, c) triples of finite real numbers, as floats."""
+    bad = ValueError(f"coefficients must be a name ({sorted(_SCHEDULES)}) or a non-empty list of (a, b, c) triples "
+                     f"of finite real numbers, got {coefficients!r}")
+    if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__iter__"):
+        raise bad
+    triples = []
+    for t in coefficients:
+        if isinstance(t, (str, bytes)) or not hasattr(t, "__len__") or len(t) != 3:
+            raise bad
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) for x in t):
+            raise bad
+        triples.append(tuple(float(x) for x in t))
+    if not triples:
+        raise bad
+    return tuple(triples)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -67,8 +84,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", dtype:
     dtype = dtype or G.dtype
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
-    norm = torch.linalg.vector_norm(X.to(torch.promote_types(dtype, torch.float32)), dim=(-2, -1), keepdim=True)
-    X = (X / (mult * norm + eps)).to(dtype)
+    X = (X / (mult * norm2(X, (-2, -1)) + eps)).to(dtype)
     for a, b, c in triples:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -111,14 +127,26 @@ def lmo_spectral_conv(g, steps=5, coefficients="jordan", dtype=None, exact=False
     return X.reshape(g.shape) * spectral_conv_scale(g.shape)
 
 
+def norm2(x: torch.Tensor, dim) -> torch.Tensor:
+    """||x||_2 over ``dim`` (kept), in fp64, without overflow or underflow for any finite x: 16/32-bit x is
+    summed in fp64 (no square of theirs leaves fp64's range); fp64 x whose plain norm overflows or
+    underflows (inf, or 0 for a non-zero line) is scaled by its largest |x| first."""
+    direct = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float64)
+    if x.dtype != torch.float64 or x.numel() == 0:
+        return direct
+    big = x.abs().amax(dim=dim, keepdim=True)
+    scaled = torch.linalg.vector_norm(x / torch.where(big > 0, big, 1), dim=dim, keepdim=True) * big
+    return torch.where(direct.isinf() | ((direct == 0) & (big > 0)), scaled, direct)
+
+
 def lmo_colnorm(g, normalized=False, transpose=False):
     """ColNorm: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8."""
     if transpose:
         g = g.mT
-    rms = torch.linalg.vector_norm(g, dim=-2, keepdim=True) / math.sqrt(g.size(-2))
+    rms = norm2(g, -2) / math.sqrt(g.size(-2))
     if normalized:
         rms = rms * g.size(-1)
-    out = g / (rms + 1e-8)
+    out = (g / (rms + 1e-8)).to(g.dtype)
     return out.mT if transpose else out
 
 
@@ -126,10 +154,10 @@ def lmo_rownorm(g, normalized=True, transpose=False):
     """RowNorm: each row over ||row||_2 (times sqrt(d_in) if normalized) + 1e-8."""
     if transpose:
         g = g.mT
-    rms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    rms = norm2(g, -1)
     if normalized:
         rms = rms * math.sqrt(g.size(-1))
-    out = g / (rms + 1e-8)
+    out = (g / (rms + 1e-8)).to(g.dtype)
     return out.mT if transpose else out
 
 
@@ -141,9 +169,8 @@ def lmo_sign(g, normalized=True):
 
 def lmo_bias_rms(g):
     """BiasRMS: g / (rms(g) + 1e-8), rms over dim 0 as in the reference."""
-    if g.dim() == 0:
-        return g / (g.abs() + 1e-8)
-    return g / (torch.sqrt(torch.mean(g * g, dim=0, keepdim=True)) + 1e-8)
+    rms = g.abs() if g.dim() == 0 else norm2(g, 0) / math.sqrt(g.size(0))
+    return (g / (rms + 1e-8)).to(g.dtype)
 
 
 def scion_update(p, g, buf, lmo, lr, momentum, scale, unconstrained):

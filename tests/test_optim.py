@@ -356,25 +356,72 @@ def test_nonfinite_skip_warns():
     assert torch.equal(p, before) and not opt.state
 
 
-def test_load_mismatched_state_changes_nothing():
+def _edit(path, value):
+    """A function that sets the nested key ``path`` of a state dict to ``value`` (deleting it for ...)."""
+    def apply(sd):
+        *head, last = path
+        for k in head:
+            sd = sd[k]
+        if value is ...:
+            del sd[last]
+        else:
+            sd[last] = value
+    return apply
+
+
+BAD_STATE = {  # case -> (edit of a valid state dict, or a whole replacement; error type; message)
+    "not a dict": (lambda sd: [sd], ValueError, "must be a dict with a 'state' dict"),
+    "no state": (_edit(["state"], ...), ValueError, "'state' dict"),
+    "state is a list": (_edit(["state"], []), ValueError, "'state' dict"),
+    "no groups": (_edit(["param_groups"], ...), ValueError, "'param_groups' list"),
+    "fewer groups": (lambda sd: sd["param_groups"].pop(), ValueError, "param groups"),
+    "group without params": (_edit(["param_groups", 0, "params"], ...), ValueError, r"lacks \['params'\]"),
+    "group without scale": (_edit(["param_groups", 1, "scale"], ...), ValueError, r"lacks \['scale'\]"),
+    "bad norm": (_edit(["param_groups", 0, "norm"], "Bogus"), ValueError, "norm must be one of"),
+    "bad lr": (_edit(["param_groups", 0, "lr"], float("nan")), ValueError, "lr must be"),
+    "unknown param id": (_edit(["state", 99], {}), ValueError, "param id 99"),
+    "state entry not a dict": (_edit(["state", 0], [1.0]), ValueError, r"state\[0\] must be a dict"),
+    "buffer of another shape": (_edit(["state", 0, "momentum_buffer"], torch.zeros(3, 3)), ValueError,
+                                r"momentum_buffer.*shape \(12, 20\), got shape \(3, 3\)"),
+    "0-d buffer": (_edit(["state", 0, "momentum_buffer"], torch.tensor(1.0)), ValueError, r"got shape \(\)"),
+    "list buffer": (_edit(["state", 0, "momentum_buffer"], [0.0] * 20), ValueError, "got list"),
+    "integer buffer": (_edit(["state", 0, "momentum_buffer"], torch.zeros(12, 20, dtype=torch.int64)), ValueError,
+                       "floating-point tensor"),
+    "nan buffer": (_edit(["state", 0, "momentum_buffer"], torch.full((12, 20), float("nan"))), FloatingPointError,
+                   "inf or nan"),
+    "SGD state dict": (None, ValueError, "torch.optim one has no norm or scale"),  # of the same params
+}
+
+
+@pytest.mark.parametrize("case", BAD_STATE)
+def test_bad_state_dict_is_refused_and_changes_nothing(case):
     params, groups, _ = _setup(torch.float32)
-    opt = dk.Scion(groups)
+    opt = dk.Scion(groups, momentum=0.5)
     _run(opt, params, _grads(params, 1))
+    edit, exc, match = BAD_STATE[case]
+    bad = copy.deepcopy(opt.state_dict())
+    if edit is None:
+        sgd = torch.optim.SGD([{"params": g["params"]} for g in groups], lr=0.1, momentum=0.9)
+        sgd.step()
+        bad = sgd.state_dict()
+    elif case == "not a dict":
+        bad = edit(bad)
+    else:
+        edit(bad)
     snap = _snapshot(params, opt)
-    bad = copy.deepcopy(opt.state_dict())
-    bad["state"][0]["momentum_buffer"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match=r"momentum_buffer.*shape \(3, 3\).*needs \(12, 20\)"):
+    with pytest.raises(exc, match=match):
         opt.load_state_dict(bad)
     _assert_unchanged(params, opt, snap)
-    bad = copy.deepcopy(opt.state_dict())
-    bad["param_groups"] = bad["param_groups"][:2]
-    with pytest.raises(ValueError, match="param groups"):
-        opt.load_state_dict(bad)
-    bad = copy.deepcopy(opt.state_dict())
-    bad["param_groups"][0]["norm"] = "Bogus"
-    with pytest.raises(ValueError, match="norm must be one of"):
-        opt.load_state_dict(bad)
-    _assert_unchanged(params, opt, snap)
+
+
+def test_nan_buffer_loads_under_nonfinite_ignore():
+    params, groups, _ = _setup(torch.float32)
+    opt = dk.Scion(groups, momentum=0.5, nonfinite="ignore")
+    _run(opt, params, _grads(params, 1))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["momentum_buffer"].fill_(float("nan"))
+    opt.load_state_dict(sd)
+    assert opt.state[params[0]]["momentum_buffer"].isnan().all()
 
 
 @pytest.mark.parametrize("norm,kwargs,shape", [("Spectral", {}, (8, 12)), ("Auto", {}, (8,)), ("Auto", {}, (3, 2, 3, 3)),

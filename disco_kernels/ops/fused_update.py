@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, reference
+from .._validate import flag, like, number, real_tensor, tensor_list
 
 KERNELS = ("torch", "triton", "cuda")
 LMOS = ("Sign", "RowNorm", "ColNorm", "BiasRMS")
+
 
 
 def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor] | None = None, *,
@@ -28,15 +30,29 @@ def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: li
     while the ``ColNorm`` norm class defaults to False (pass it explicitly for ColNorm)."""
     if lmo not in LMOS:
         raise ValueError(f"lmo must be one of {LMOS}, got {lmo!r}")
+    params, grads = tensor_list(params, "params"), tensor_list(grads, "grads")
+    bufs = None if bufs is None else tensor_list(bufs, "bufs")
     if len(grads) != len(params) or (bufs is not None and len(bufs) != len(params)):
         raise ValueError(f"params, grads and bufs must have equal lengths, got {len(params)}, {len(grads)}, "
                          f"{None if bufs is None else len(bufs)}")
+    lr, momentum = number(lr, "lr", 0.0), number(momentum, "momentum", 0.0, 1.0)
+    scale = number(scale, "scale")
+    flags = {name: flag(value, name) for name, value in (("unconstrained", unconstrained), ("normalized", normalized),
+                                                         ("transpose", transpose), ("light", light))}
     _backend.check_backend(backend)
+    need = min_dims(lmo, flags["normalized"], flags["transpose"])
+    for i, p in enumerate(params):
+        real_tensor(p, f"params[{i}]")
+        if p.dim() < need:
+            raise ValueError(f"{lmo} needs tensors of at least {need} dims, got params[{i}] of shape {tuple(p.shape)}")
+        like(grads[i], p, f"grads[{i}]", f"params[{i}]")
+        if bufs is not None:
+            like(bufs[i], p, f"bufs[{i}]", f"params[{i}]")
     if not params:
         return
-    torch.ops.disco_kernels.fused_update(params, grads, [] if bufs is None else bufs, lmo, float(lr), float(momentum),
-                                         float(scale), bool(unconstrained), bool(normalized), bool(transpose),
-                                         bool(light), backend)
+    torch.ops.disco_kernels.fused_update(params, grads, [] if bufs is None else bufs, lmo, lr, momentum, scale,
+                                         flags["unconstrained"], flags["normalized"], flags["transpose"],
+                                         flags["light"], backend)
 
 
 def lmo_fn(lmo: str, normalized: bool, transpose: bool):
@@ -82,9 +98,18 @@ def _torch(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normali
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def min_dims(lmo: str, normalized: bool, transpose: bool) -> int:
+    """The fewest dims ``lmo`` reads: columns need a matrix, a row a vector, normalized Sign d_in = size(-1)."""
+    if lmo == "Sign":
+        return int(normalized)
+    if lmo == "BiasRMS":
+        return 0
+    return 2 if lmo == "ColNorm" or transpose else 1
+
+
 def cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light) -> str | None:
     """Why the CUDA kernel cannot take this group (None when it can)."""
-    need = {"Sign": int(normalized), "BiasRMS": 0}.get(lmo, 2 if lmo == "ColNorm" or transpose else 1)
+    need = min_dims(lmo, normalized, transpose)
     for i, (p, g) in enumerate(zip(params, grads)):
         b = bufs[i] if bufs and not light else None
         if p.dtype not in CUDA_DTYPES:

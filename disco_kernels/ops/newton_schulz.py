@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..reference import ns_schedule
+from .._validate import as_dtype
+from ..reference import norm2, ns_schedule
 
 # Backends with a kernel for this op; "auto" takes cuda, then triton, then torch.
 KERNELS = ("torch", "triton", "cuda")
@@ -27,7 +28,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", *, dty
 
     coefficients: "jordan" (3.4445, -4.7750, 2.0315 every step), "polar_express" (Amsel et al. 2025,
     the last triple repeating past 5 steps) or a list of (a, b, c) triples, one per step.
-    dtype: the dtype the iteration runs and returns in (default G's; ``Spectral`` uses bfloat16,
+    dtype: the dtype (or its name) the iteration runs and returns in (default G's; ``Spectral`` uses bfloat16,
     as the reference); products accumulate in fp32 (fp64 for fp64). The result has G's shape,
     is contiguous, and is 0 where G is 0. backend: "auto", "torch", "triton" or "cuda".
 
@@ -41,9 +42,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", *, dty
         raise ValueError(f"G must be (m, n) or (b, m, n), got shape {tuple(G.shape)}")
     if not G.is_floating_point():
         raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
-    dtype = dtype or G.dtype
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    dtype = G.dtype if dtype is None else as_dtype(dtype)
     triples, mult, eps = ns_schedule(coefficients, steps)
     _backend.check_backend(backend)
     flat = [x for t in triples for x in t]
@@ -61,8 +60,7 @@ def _torch(G, triples, mult, eps, dtype):
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
     acc = torch.promote_types(accumulate_dtype(dtype), X.dtype)  # fp64 G keeps its norm in fp64
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
-    X = (X.to(acc) / (mult * norm + eps)).to(dtype)
+    X = (X.to(acc) / (mult * norm2(X, (-2, -1)) + eps).to(acc)).to(dtype)  # (norm2: no overflow)
     for a, b, c in triples:
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
-from .. import reference
+from .. import _backend, reference
+from .._validate import real_tensor
 from ..reference import default_start_vector
 
 KERNELS = ("torch", "triton", "cuda")
@@ -30,8 +30,15 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     acc = torch.promote_types(W.dtype, torch.float32)
     if v is None:
         v = default_start_vector(W)
-    elif v.shape != W.shape[:-2] + W.shape[-1:]:
-        raise ValueError(f"v must have shape {tuple(W.shape[:-2] + W.shape[-1:])} for W of shape {tuple(W.shape)}, got {tuple(v.shape)}")
+    else:
+        real_tensor(v, "v")
+        if v.shape != W.shape[:-2] + W.shape[-1:]:
+            raise ValueError(f"v must have shape {tuple(W.shape[:-2] + W.shape[-1:])} for W of shape {tuple(W.shape)}, "
+                             f"got {tuple(v.shape)}")
+        if v.numel() and not torch.compiler.is_compiling():  # (one host sync; a traced warm start is the caller's)
+            norms = torch.linalg.vector_norm(v.double(), dim=-1)
+            if not ((norms > 0) & norms.isfinite()).all():
+                raise ValueError("v must be a finite non-zero start vector per matrix (a zero v gives sigma = 0)")
     v = v.to(device=W.device, dtype=acc).contiguous()
     _backend.check_backend(backend)
     return torch.ops.disco_kernels.power_iteration(W, v, iters, backend)

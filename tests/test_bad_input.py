@@ -1,0 +1,198 @@
+"""Bad input, class by class: a clear error naming the argument and what was wrong, raised before
+anything is modified (parameters, gradients and optimizer state stay bit-identical)."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import disco_kernels as dk
+from disco_kernels import norms
+
+
+def _state(params, opt):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _assert_same(params, opt, before):
+    for p, q in zip(params, before[0]):
+        assert torch.equal(p, q)
+    after = opt.state_dict()
+    assert after["param_groups"] == before[1]["param_groups"]
+    assert after["state"].keys() == before[1]["state"].keys()
+    for k, st in before[1]["state"].items():
+        for key, v in st.items():
+            assert torch.equal(after["state"][k][key], v)
+
+
+# -- norm flags and coefficient schedules --------------------------------------------------------
+
+@pytest.mark.parametrize("norm,kwargs,name", [
+    ("Spectral", {"normalized": "False"}, "normalized"), ("Spectral", {"max": 1}, "max"),
+    ("ColNorm", {"transpose": None}, "transpose"), ("RowNorm", {"normalized": "yes"}, "normalized"),
+    ("Sign", {"zero_init": "no"}, "zero_init"), ("Sign", {"normalized": 0}, "normalized"),
+])
+def test_flags_must_be_bools(norm, kwargs, name):
+    """A string flag such as "False" would act as True: refused, naming the flag."""
+    with pytest.raises(TypeError, match=rf"{name} must be a bool"):
+        dk.norm_dict[norm](**kwargs)
+    with pytest.raises(ValueError, match=rf"{name} must be a bool"):
+        dk.Scion([nn.Parameter(torch.randn(4, 4))], norm=norm, norm_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("coefficients,steps,match", [
+    ([(3.0, -3.2, float("nan"))], 5, "finite real numbers"), ([(3.0, "b", 1.0)], 5, "finite real numbers"),
+    ([(3.0, -3.2, True)], 5, "finite real numbers"), ([(1.0, 2.0)], 5, "finite real numbers"),
+    ([], 5, "non-empty"), (3, 5, "coefficients must be"), ("newton", 5, "coefficients must be"),
+    ([(3.0, -3.2, 1.2)] * 7, 5, r"7 \(a, b, c\) triples for steps=5"),
+])
+def test_coefficient_schedules(coefficients, steps, match):
+    """A list gives at most one finite (a, b, c) per step (the last repeats); anything else is refused."""
+    with pytest.raises(ValueError, match=match):
+        dk.ops.newton_schulz(torch.randn(4, 6), steps, coefficients)
+    with pytest.raises(ValueError, match=match):
+        dk.lmo.Spectral(steps=steps, coefficients=coefficients)
+
+
+# -- ops -------------------------------------------------------------------------------------------
+
+def test_newton_schulz_takes_dtype_names():
+    G = torch.randn(4, 6)
+    assert torch.equal(dk.ops.newton_schulz(G, dtype="bfloat16"), dk.ops.newton_schulz(G, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        dk.ops.newton_schulz(G, dtype="int8")
+
+
+@pytest.mark.parametrize("v,exc,match", [
+    ([0.5] * 6, TypeError, "v must be a torch.Tensor"), (torch.zeros(6), ValueError, "non-zero"),
+    (torch.full((6,), float("nan")), ValueError, "finite"), (torch.ones(6, dtype=torch.int64), TypeError, "v must"),
+    (torch.ones(5), ValueError, r"v must have shape \(6,\)"),
+])
+def test_power_iteration_start_vector(v, exc, match):
+    with pytest.raises(exc, match=match):
+        dk.ops.power_iteration(torch.randn(4, 6), v)
+
+
+def _fused_inputs():
+    return [torch.randn(4, 6)], [torch.randn(4, 6)], [torch.randn(4, 6)]
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(params=a["params"][0]), TypeError, "params must be a list"),
+    (lambda a: a.update(grads=(a["grads"][0], 1.0)), TypeError, r"grads\[1\] must be a torch.Tensor"),
+    (lambda a: a.update(grads=[torch.randn(1, 6)]), ValueError, r"grads\[0\] \(shape \(1, 6\).* params\[0\]"),
+    (lambda a: a.update(bufs=[torch.randn(4, 6).T]), ValueError, r"bufs\[0\]"),
+    (lambda a: a.update(lmo="ColNorm", params=[torch.randn(6)], grads=[torch.randn(6)], bufs=[torch.randn(6)]),
+     ValueError, "at least 2 dims"),
+    (lambda a: a.update(lr=float("nan")), ValueError, "lr must be a finite number >= 0"),
+    (lambda a: a.update(lr=-0.1), ValueError, "lr must be"),
+    (lambda a: a.update(momentum=5.0), ValueError, "momentum must be a finite number >= 0.0 and <= 1.0"),
+    (lambda a: a.update(scale=float("inf")), ValueError, "scale must be"),
+    (lambda a: a.update(normalized="False"), TypeError, "normalized must be a bool"),
+    (lambda a: a.update(params=[torch.randn(4, 6, dtype=torch.complex64)]), TypeError, r"params\[0\] must be a real"),
+])
+def test_fused_update_bad_arguments_change_nothing(change, exc, match):
+    params, grads, bufs = _fused_inputs()
+    args = dict(params=params, grads=grads, bufs=bufs, lmo="RowNorm", lr=0.1, momentum=0.5)
+    change(args)
+    before = [[t.clone() for t in ts] for ts in (params, grads, bufs)]
+    with pytest.raises(exc, match=match):
+        dk.ops.fused_update(**args)
+    for ts, ref in zip((params, grads, bufs), before):
+        assert all(torch.equal(t, r) for t, r in zip(ts, ref))
+
+
+# -- params and gradients --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: nn.Parameter(torch.randn(3, 3, dtype=torch.complex64)), "must be a real floating-point tensor"),
+    (lambda: nn.Parameter(torch.ones(3, 3, dtype=torch.int64), requires_grad=False), "must be a real floating"),
+    (lambda: nn.Parameter(torch.empty(3, 3, device="meta")), "is a meta tensor"),
+])
+def test_unusable_params_are_refused_when_added(make, match):
+    good = nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(TypeError, match=rf"param_groups\[1\]\['params'\]\[0\] {match}"):
+        dk.Scion([{"params": [good]}, {"params": [make()]}])
+
+
+@pytest.mark.parametrize("shape,bad_grad,norm", [
+    ((4, 4), torch.randn(3, 3), "Spectral"), ((4, 6), torch.randn(1, 6), "RowNorm"), ((6,), torch.randn(1), "BiasRMS"),
+    ((4, 6), torch.randn(6, 4), "Sign"), ((4, 6), torch.randn(4, 1), "ColNorm"),
+])
+@pytest.mark.parametrize("cls", [dk.Scion, dk.ScionLight])
+def test_gradient_unlike_its_param_fails_before_any_write(shape, bad_grad, norm, cls):
+    """A gradient of another shape (a broadcastable one would update every row) is refused before
+    any group is updated or any buffer scaled: the good group first in the list is untouched too."""
+    good = nn.Parameter(torch.randn(5, 5))
+    bad = nn.Parameter(torch.randn(shape))
+    opt = cls([{"params": [good], "norm": "Spectral"}, {"params": [bad], "norm": norm}], lr=0.1, momentum=0.5)
+    good.grad, bad.grad = torch.randn(5, 5), torch.randn(shape)
+    opt.step()  # momentum buffers exist
+    bad.grad.data = bad_grad
+    before = _state([good, bad], opt)
+    grads = good.grad.clone()
+    with pytest.raises(ValueError, match=r"gradient of param_groups\[1\]\['params'\]\[0\].*shape and device"):
+        opt.step()
+    _assert_same([good, bad], opt, before)
+    assert torch.equal(good.grad, grads)
+
+
+@pytest.mark.parametrize("shape,norm", [((0, 4), "Auto"), ((4, 0), "Spectral"), ((4, 4, 0), "Auto"), ((0,), "Auto"),
+                                        ((0, 4), "ColNorm"), ((4, 0), "Sign")])
+@pytest.mark.parametrize("cls", [dk.Scion, dk.ScionLight])
+def test_zero_size_params_step_and_init_as_nothing_to_do(shape, norm, cls):
+    p = nn.Parameter(torch.empty(shape))
+    q = nn.Parameter(torch.randn(3, 5))
+    opt = cls([{"params": [p], "norm": norm}, {"params": [q]}], lr=0.1, momentum=0.5)
+    opt.init()
+    p.grad, q.grad = torch.empty(shape), torch.randn(3, 5)
+    before = q.detach().clone()
+    opt.step()
+    assert p.shape == shape and not torch.equal(q, before)
+
+
+# -- NormMonitor -------------------------------------------------------------------------------------
+
+def test_monitor_refuses_bad_model_optimizer_and_path(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        norms.NormMonitor(object())
+    with pytest.raises(TypeError, match="optimizer must be"):
+        norms.NormMonitor(model, object())
+    with pytest.raises(ValueError, match="its directory does not exist"):
+        norms.NormMonitor(model, csv_path=tmp_path / "missing" / "norms.csv")
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="updates none of the model's monitored weights"):
+        norms.NormMonitor(model, dk.Scion(other.parameters()))
+    norms.NormMonitor(model, dk.Scion(model.parameters()), csv_path=tmp_path / "norms.csv")  # fine
+
+
+# -- huge finite gradients ---------------------------------------------------------------------------
+
+HUGE = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float64: 1e200}  # squares overflow the dtype
+
+
+@pytest.mark.parametrize("dtype", list(HUGE))
+@pytest.mark.parametrize("norm,kwargs", [("Spectral", {"dtype": "float32"}), ("ColNorm", {"transpose": True}),
+                                         ("RowNorm", {}), ("BiasRMS", {}), ("Sign", {})])
+def test_huge_finite_gradients_do_not_overflow(dtype, norm, kwargs):
+    """Norms of a huge but finite gradient are taken without overflow: every LMO is invariant to the
+    gradient's scale but for its 1e-8, so the step is the one of the gradient scaled down to norms of
+    ~1e10 (where the 1e-8 is below fp64's rounding and no square overflows), within the rule (plain: the
+    oracle in the dtype on that scaled-down gradient)."""
+    import oracle
+    from tolerances import assert_close, plain_dtype
+
+    shape = (17,) if norm == "BiasRMS" else (6, 9)
+    g = torch.randn(shape, dtype=torch.float64)
+    p = nn.Parameter(torch.zeros(shape, dtype=dtype))
+    p.grad = (g * HUGE[dtype]).to(dtype)
+    dk.Scion([p], lr=1.0, norm=norm, norm_kwargs=kwargs, unconstrained=True, backend="torch").step()
+    kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}  # the oracle iterates in its input's dtype
+    scaled = p.grad.double() * (1e10 / HUGE[dtype])
+    exact = -oracle.lmo(norm, scaled, **kwargs)
+    d = torch.float32 if norm == "Spectral" and dtype == torch.float64 else dtype  # (fp32 Newton-Schulz)
+    plain = -oracle.lmo(norm, scaled.to(torch.float32 if norm == "Spectral" else plain_dtype(d)), **kwargs)
+    assert p.isfinite().all()
+    assert_close(p.detach(), exact, plain.to(plain_dtype(d)), d)  # (stored in p's dtype)
