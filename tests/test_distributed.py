@@ -569,13 +569,7 @@ def test_dcp_reload_other_world_size(jobs, singles, oracles, world, kind):
         _assert_close(out[kind, "dcp"], singles["Scion"], *oracles["Scion"], kind)
 
 
-FP16_REDUCE_EPS = pytest.mark.xfail(strict=True, reason=(
-    "distributed._finish_reduce adds the 1e-8 after casting the line norm to the param's dtype; in fp16 it "
-    "rounds to 0, so a zero line gives 0 / 0 = NaN (the single-process fused step takes line norms in fp32)"))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, pytest.param(torch.float16, marks=FP16_REDUCE_EPS),
-                                   torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("where", [*WORLDS, "sub"])
 def test_reduce_route_zero_and_tiny_lines(jobs, where, dtype):
     """ColNorm, RowNorm(transpose), BiasRMS on Shard(0) params with zero and tiny lines (one whose only
