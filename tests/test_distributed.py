@@ -724,7 +724,8 @@ def test_agreed_error_gathers_on_the_params_cuda_device(monkeypatch):
 
 @pytest.mark.gpu
 def test_replicated_step_syncs_the_host_once(tmp_path):
-    """One device-to-host copy per step (the agreement flags); no blocking host-to-device copies."""
+    """Two device-to-host copies per step (the agreement header, and the check that no rank failed its
+    Newton-Schulz compute before anyone writes); no blocking host-to-device copies."""
     import warnings
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
                             device_id=torch.device("cuda", torch.cuda.current_device()))
@@ -743,6 +744,6 @@ def test_replicated_step_syncs_the_host_once(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) <= 1, syncs
+        assert len(syncs) <= 2, syncs
     finally:
         dist.destroy_process_group()
