@@ -259,35 +259,54 @@ def tuning_on_sweep(rows, summary) -> list[dict]:
     """How well ``lr_for_norm`` picks the lr at each budget of a sweep, measured on the sweep.
 
     At budget D and its best batch size B, the target is the mean optimal log2 output norm
-    (``log2_output_norm_at_lr_opt``) of the *other* budgets (the norm transferred from other
-    horizons; D's own when it is the only one). Every pair of finite runs at (B, D) serves as
-    the two guesses; the predicted lr's loss is the sweep's loss interpolated linearly in log2 η
-    (NaN outside the grid). Regret = that loss − the best loss at D. The baseline any two runs
-    give for free, the better of the pair, is reported beside it.
+    (``log2_output_norm_at_lr_opt``) of the *other* budgets: the norm transferred from other
+    horizons (D's own when it is the only one). Guesses are runs of the sweep at (B, D): every
+    pair of finite runs ("two_runs"), and every finite run alone ("one_run") with the slope of
+    log2 norm against log2 η carried over the same way (the mean of the other budgets' slopes,
+    each fitted on all finite runs at their best batch size). The predicted lr's loss is the
+    sweep's loss interpolated linearly in log2 η (NaN outside the grid: counted, not averaged).
+    Regret = that loss − the best loss at D. Beside it, the baseline the guesses give for free:
+    the better guess's own regret.
     """
+    sizes = summary["sizes"]
+    grids = [_grid(rows, s["tokens"], s["best"]["batch_size"]) for s in sizes]
+    finite = [[i for i in range(len(x)) if math.isfinite(loss[i]) and math.isfinite(norm[i])]
+              for x, loss, norm in grids]
+    slopes = [norm_vs_lr_fit([2.0 ** x[i] for i in ok], [norm[i] for i in ok])[0] if len(ok) > 1 else None
+              for (x, _, norm), ok in zip(grids, finite)]
     out = []
-    for s in summary["sizes"]:
-        others = [o["log2_output_norm_at_lr_opt"] for o in summary["sizes"] if o is not s] \
-            or [s["log2_output_norm_at_lr_opt"]]
-        target = sum(others) / len(others)
-        x, loss, norm = _grid(rows, s["tokens"], s["best"]["batch_size"])
-        ok = [i for i in range(len(x)) if math.isfinite(loss[i]) and math.isfinite(norm[i])]
-        best, pairs = s["best"]["val_loss"], []
-        for n, i in enumerate(ok):
-            for j in ok[n + 1:]:
-                lr = lr_for_norm([2.0 ** x[i], 2.0 ** x[j]], [norm[i], norm[j]], target)
-                pairs.append({"guesses": [2.0 ** x[i], 2.0 ** x[j]], "lr": lr,
-                              "regret": interpolate(math.log2(lr), x, loss) - best,
-                              "baseline_regret": min(loss[i], loss[j]) - best})
-        inside = [p for p in pairs if math.isfinite(p["regret"])]
+    for k, (s, (x, loss, norm), ok) in enumerate(zip(sizes, grids, finite)):
+        target = _mean_of_others([z["log2_output_norm_at_lr_opt"] for z in sizes], k)
+        slope = _mean_of_others(slopes, k)
+        best = s["best"]["val_loss"]
+
+        def trial(guesses, given_slope=None):
+            lr = lr_for_norm([2.0 ** x[i] for i in guesses], [norm[i] for i in guesses], target, slope=given_slope)
+            return {"guesses": [2.0 ** x[i] for i in guesses], "lr": lr,
+                    "regret": interpolate(math.log2(lr), x, loss) - best,
+                    "baseline_regret": min(loss[i] for i in guesses) - best}
+
+        pairs = [trial([i, j]) for n, i in enumerate(ok) for j in ok[n + 1:]]
+        singles = [trial([i], slope) for i in ok] if slope is not None else []
         out.append({"tokens": s["tokens"], "batch_size": s["best"]["batch_size"], "target_log2_norm": target,
-                    "pairs": len(pairs), "inside_grid": len(inside),
-                    "median_regret": _median([p["regret"] for p in inside]),
-                    "worst_regret": max((p["regret"] for p in inside), default=math.nan),
-                    "median_baseline_regret": _median([p["baseline_regret"] for p in pairs]),
-                    "worst_baseline_regret": max((p["baseline_regret"] for p in pairs), default=math.nan),
-                    "by_pair": pairs})
+                    "slope": slopes[k], "two_runs": _regrets(pairs), "one_run": dict(slope=slope, **_regrets(singles))})
     return out
+
+
+def _mean_of_others(values, k):
+    """Mean of the values other than the k-th (the k-th when it is the only one; None if none is known)."""
+    others = [v for i, v in enumerate(values) if i != k and v is not None] or [values[k]]
+    return None if None in others else sum(others) / len(others)
+
+
+def _regrets(trials) -> dict:
+    """Median and worst regret of the trials inside the grid, and of their baseline over all trials."""
+    inside = [t["regret"] for t in trials if math.isfinite(t["regret"])]
+    base = [t["baseline_regret"] for t in trials]
+    return {"trials": len(trials), "inside_grid": len(inside),
+            "median_regret": _median(inside), "worst_regret": max(inside, default=math.nan),
+            "median_baseline_regret": _median(base), "worst_baseline_regret": max(base, default=math.nan),
+            "by_trial": trials}
 
 
 def _median(values) -> float:

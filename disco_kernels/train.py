@@ -264,7 +264,8 @@ def plot_run(run: dict, path: Path) -> None:
 def plot_sweep(rows: list[dict], summary: dict, path: Path) -> None:
     """Validation loss against final log2 output norm (the paper's Figure 1): one colour per token
     budget, one marker per batch size, lines joining the lrs of a (budget, batch size); a star on
-    each budget's best run; the band of the optimal norms across budgets. Diverged runs are left out."""
+    each budget's best run; the band of those runs' norms and the paper's 2^7. Diverged runs are left
+    out."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     sizes = summary["sizes"]
@@ -279,7 +280,9 @@ def plot_sweep(rows: list[dict], summary: dict, path: Path) -> None:
         ax.plot(best["log2_output_norm"], best["val_loss"], marker="*", ms=16, color=colour, mec="black",
                 label=f"D = 2^{math.log2(s['tokens']):g}: best lr {best['lr']:.3g}, batch {best['batch_size']}")
     opt = [s["best"]["log2_output_norm"] for s in sizes]
-    ax.axvspan(min(opt), max(opt), color="gray", alpha=0.2, label=f"optimal norms (spread {max(opt) - min(opt):.2f})")
+    ax.axvspan(min(opt), max(opt), color="gray", alpha=0.2,
+               label=f"best runs' norms (spread {max(opt) - min(opt):.2f})")
+    ax.axvline(OUTPUT_NORM_LOG2, color="gray", ls="--", lw=1, label=f"paper's optimum {OUTPUT_NORM_LOG2:g}")
     for B, marker in zip(batches, "os^Dvp<>h*"):
         ax.plot([], [], marker=marker, color="gray", lw=0, label=f"batch {B}")
     finite = [r["val_loss"] for r in rows if math.isfinite(r["val_loss"])]
@@ -513,7 +516,7 @@ def _sweep(args, out: Path, common: dict) -> int:
     print(f"sweep: {len(todo)} runs to do ({len(rows)} already in {path}); {args.preset}, seq len {args.seq_len}",
           flush=True)
     steps = [max(1, round(D / (B * args.seq_len))) for D, B, _ in todo]
-    bar = _progress(sum(steps), not args.no_progress)
+    bar = _progress(sum(steps), not args.no_progress and bool(todo))
     for (D, B, lr), n in zip(todo, steps):
         row = sweep_run(args, common, D, B, lr)
         rows.append(row)
@@ -539,15 +542,24 @@ def _sweep(args, out: Path, common: dict) -> int:
         b = s["best"]
         print(f"D {s['tokens']}: best lr {b['lr']:.4g}, batch {b['batch_size']}, val loss {b['val_loss']:.3f}, "
               f"log2 |W_out| {b['log2_output_norm']:.2f} (at lr* {s['log2_output_norm_at_lr_opt']:.2f})")
-    o, e = summary["optimal_log2_output_norm"]["at_lr_opt"], summary["exponents"]
-    print(f"optimal log2 |W_out| {o['mean']:.2f}, spread {o['spread']:.2f} across budgets; exponents vs D: "
+    o, e = summary["optimal_log2_output_norm"], summary["exponents"]
+    b, a = o["best_runs"], o["at_lr_opt"]
+    print(f"optimal log2 |W_out| across budgets: best runs {b['mean']:.2f} (spread {b['spread']:.2f}), "
+          f"at lr* {a['mean']:.2f} (spread {a['spread']:.2f})")
+    print("exponents vs D: "
           f"lr* {_fmt(e['lr_opt_vs_tokens']['fit'])} (paper {e['lr_opt_vs_tokens']['paper']}), "
-          f"B* {_fmt(e['batch_opt_vs_tokens']['fit'])} (paper {e['batch_opt_vs_tokens']['paper']}); outputs in {out}")
+          f"B* {_fmt(e['batch_opt_vs_tokens']['fit'])} (paper {e['batch_opt_vs_tokens']['paper']})")
+    for t in summary["tuning_by_norm"]:
+        two = t["two_runs"]
+        print(f"tuning by norm at D {t['tokens']} (target {t['target_log2_norm']:.2f}): median loss regret "
+              f"{_fmt(two['median_regret'], 3)} from two runs ({two['inside_grid']}/{two['trials']} inside the grid), "
+              f"{_fmt(two['median_baseline_regret'], 3)} for the better of the two")
+    print(f"outputs in {out}")
     return 0
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _fmt(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 if __name__ == "__main__":

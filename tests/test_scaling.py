@@ -131,15 +131,16 @@ def test_interpolate_is_linear_between_grid_points_and_nan_outside():
     assert math.isnan(scaling.interpolate(-0.5, xs, ys)) and math.isnan(scaling.interpolate(3.5, xs, ys))
 
 
-def synthetic_sweep():
+def synthetic_sweep(drift=0.0, slope=lambda d: 0.75):
     """Rows of a sweep whose optimum is known in closed form (all logs base 2):
 
         loss = (log lr − log η*(B, D))² + ½ (log B − log B*(D))² + 8 − ¼ log D
         log η*(B, D) = ½ log B − ¼ log D − ¾       log B*(D) = ¼ log D + ¼
-        log N_out = 5 + ¾ (log lr − log η*(B, D))
+        log N_out = 5 + drift · (log D − 12) + slope(log D) · (log lr − log η*(B, D))
     on D = 2^10, 2^12, 2^14; B = 4 ... 32; lr = 2^-6 ... 2^0, and lr = 2 diverged (NaN) everywhere.
     Every log η* sits ¼ from the nearest grid point, so each batch size's grid minimum is 1/16 above
-    its curve's and B* is recovered exactly."""
+    its curve's and B* is recovered exactly. ``drift``: the optimal norm's change per doubling of D;
+    ``slope``: the norm's slope against log lr (¾ by default)."""
     rows = []
     for d in (10, 12, 14):
         for b in (2, 3, 4, 5):
@@ -147,7 +148,7 @@ def synthetic_sweep():
                 opt = b / 2 - d / 4 - 0.75
                 loss = (x - opt) ** 2 + (b - (d / 4 + 0.25)) ** 2 / 2 + 8 - d / 4 if x < 1 else math.nan
                 rows.append({"tokens": 2 ** d, "batch_size": 2 ** b, "lr": 2.0 ** x, "val_loss": loss,
-                             "log2_output_norm": 5 + 0.75 * (x - opt) if x < 1 else math.nan})
+                             "log2_output_norm": 5 + drift * (d - 12) + slope(d) * (x - opt) if x < 1 else math.nan})
     return rows
 
 
@@ -156,7 +157,7 @@ def test_summarize_sweep_recovers_the_known_optimum():
     assert [z["tokens"] for z in s["sizes"]] == [2 ** 10, 2 ** 12, 2 ** 14]
     assert [z["diverged"] for z in s["sizes"]] == [4, 4, 4] and [z["runs"] for z in s["sizes"]] == [32, 32, 32]
     # best runs: B = 8, 8, 16 (log B* = 2.75, 3.25, 3.75 on a grid of integers; 3.25 rounds down)
-    assert [(z["best"]["batch_size"], z["best"]["lr"]) for z in s["sizes"]] == [(8, 2 ** -2), (8, 2 ** -2), (16, 2 ** -2)]
+    assert [(z["best"]["batch_size"], z["best"]["lr"]) for z in s["sizes"]] == [(8, 0.25), (8, 0.25), (16, 0.25)]
     assert [math.log2(z["batch_opt"]) for z in s["sizes"]] == [2.75, 3.25, 3.75]
     assert not any(z["batch_opt_at_edge"] or z["lr_opt_at_edge"] for z in s["sizes"])
     for z in s["sizes"]:
@@ -171,10 +172,12 @@ def test_summarize_sweep_recovers_the_known_optimum():
     assert abs(best["std"] - math.sqrt(2) * 0.375 / 3) < FIT_TOL  # sqrt(mean (x - mean)²) of −1/4, 1/8, 1/8 (× 3/4)
     e = s["exponents"]
     assert e["batch_opt_vs_tokens"] == {"fit": 0.25, "paper": 0.45}
-    assert e["lr_opt_vs_tokens"] == {"fit": -0.125, "paper": -0.28}  # through (10, −1.75), (12, −2.25), (14, −2.25)
+    # through (10, −1.75), (12, −2.25), (14, −2.25): the best batch size moves in whole grid steps
+    assert e["lr_opt_vs_tokens"] == {"fit": -0.125, "paper": -0.28}
     assert abs(e["lr_opt_vs_batch_at_fixed_tokens"]["fit"] - 0.5) < FIT_TOL
     assert abs(e["lr_opt_vs_tokens_at_fixed_batch"]["fit"] + 0.25) < FIT_TOL
-    assert e["lr_opt_vs_batch_at_fixed_tokens"]["paper"] == 0.62 and e["lr_opt_vs_tokens_at_fixed_batch"]["paper"] == -0.56
+    assert e["lr_opt_vs_batch_at_fixed_tokens"]["paper"] == 0.62
+    assert e["lr_opt_vs_tokens_at_fixed_batch"]["paper"] == -0.56
 
 
 def test_summarize_sweep_of_one_budget_fits_no_exponent():
@@ -183,15 +186,48 @@ def test_summarize_sweep_of_one_budget_fits_no_exponent():
     assert s["optimal_log2_output_norm"]["at_lr_opt"]["spread"] == 0.0
 
 
-def test_tuning_on_the_sweep_hits_the_optimum_from_every_pair():
+def test_tuning_on_the_sweep_hits_the_optimum_from_every_pair_and_every_run():
     rows = synthetic_sweep()
     tuned = scaling.tuning_on_sweep(rows, scaling.summarize_sweep(rows))
     assert [t["batch_size"] for t in tuned] == [8, 8, 16]
     for t in tuned:
-        assert t["target_log2_norm"] == 5.0 and t["pairs"] == t["inside_grid"] == 21  # 7 finite runs, NaN left out
+        assert t["target_log2_norm"] == 5.0 and t["slope"] == t["one_run"]["slope"] == 0.75
+        two, one = t["two_runs"], t["one_run"]
+        assert two["trials"] == two["inside_grid"] == 21 and one["trials"] == 7  # 7 finite runs, NaN left out
         d = math.log2(t["tokens"])
         b = math.log2(t["batch_size"])
-        assert {math.log2(p["lr"]) for p in t["by_pair"]} == {b / 2 - d / 4 - 0.75}  # η* exactly
-        # the sweep's loss between grid points ¼ and ¾ away from η*: 1/16 + ¼ (9/16 − 1/16) = 3/16, best 1/16
-        assert {p["regret"] for p in t["by_pair"]} == {0.125} and t["median_regret"] == t["worst_regret"] == 0.125
-        assert t["median_baseline_regret"] > 0.125 and min(p["baseline_regret"] for p in t["by_pair"]) == 0.0
+        for trials in (two, one):
+            assert {math.log2(p["lr"]) for p in trials["by_trial"]} == {b / 2 - d / 4 - 0.75}  # η* exactly
+            # the sweep's loss between grid points ¼ and ¾ away from η*: 1/16 + ¼ (9/16 − 1/16) = 3/16, best 1/16
+            assert {p["regret"] for p in trials["by_trial"]} == {0.125}
+            assert trials["median_regret"] == trials["worst_regret"] == 0.125
+        assert two["median_baseline_regret"] > 0.125 and min(p["baseline_regret"] for p in two["by_trial"]) == 0.0
+        assert sorted(p["baseline_regret"] for p in one["by_trial"])[:3] == [0.0, 0.5, 1.5]  # runs ¼, ¾, 1¼ off η*
+
+
+def test_tuning_on_the_sweep_takes_its_target_from_the_other_budgets():
+    # optimal norms 4.75, 5, 5.25: the targets are the others' means, 5.125, 5, 4.875; the lr predicted
+    # lands half a grid step above, at and below η* (norm slope ¾), where the interpolated loss is
+    # 1/16 + ¾ · ½ = 7/16, 3/16 and 7/16 against the best 1/16
+    rows = synthetic_sweep(drift=0.125)
+    tuned = scaling.tuning_on_sweep(rows, scaling.summarize_sweep(rows))
+    assert [t["target_log2_norm"] for t in tuned] == [5.125, 5.0, 4.875]
+    for trials in ("two_runs", "one_run"):
+        shift = [{math.log2(p["lr"]) - (math.log2(t["batch_size"]) / 2 - math.log2(t["tokens"]) / 4 - 0.75)
+                  for p in t[trials]["by_trial"]} for t in tuned]
+        assert shift == [{0.5}, {0.0}, {-0.5}]
+        assert [{p["regret"] for p in t[trials]["by_trial"]} for t in tuned] == [{0.375}, {0.125}, {0.375}]
+
+
+def test_tuning_with_one_run_carries_the_slope_over_from_the_other_budgets():
+    rows = synthetic_sweep(slope=lambda d: (d - 6) / 8)  # ½, ¾, 1 at D = 2^10, 2^12, 2^14
+    tuned = scaling.tuning_on_sweep(rows, scaling.summarize_sweep(rows))
+    assert [t["slope"] for t in tuned] == [0.5, 0.75, 1.0]
+    assert [t["one_run"]["slope"] for t in tuned] == [0.875, 0.75, 0.625]
+    assert {p["regret"] for p in tuned[1]["one_run"]["by_trial"]} == {0.125}  # the carried slope is right at 2^12
+    # at 2^10 the true slope is ½, the carried one ⅞: a guess g off η* lands (1 − ½/⅞)(g − η*) off,
+    # 3/7 of the way
+    opt = 3 / 2 - 10 / 4 - 0.75  # log η*(8, 2^10)
+    for p in tuned[0]["one_run"]["by_trial"]:
+        (guess,) = p["guesses"]
+        assert abs((math.log2(p["lr"]) - opt) / (math.log2(guess) - opt) - 3 / 7) < FIT_TOL

@@ -159,6 +159,7 @@ def test_resume_does_not_take_runs_of_another_setup(tmp_path, monkeypatch):
     assert len(calls) == 24 and len(train.read_sweep(tmp_path / "sweep.csv")) == 24
     summary = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert summary["setup"]["seq_len"] == 32 and summary["setup"]["runs"] == 12  # the summary is of this setup
+    assert [s["runs"] for s in summary["sizes"]] == [6, 6]
 
 
 def test_sweep_progress_bar_covers_the_whole_grid(tmp_path, monkeypatch):
@@ -182,6 +183,24 @@ def test_train_raises_diverged_at_the_first_non_finite_loss(monkeypatch):
     with pytest.raises(train.Diverged, match="step 3: non-finite gradient") as e:
         train.train("tiny", steps=6, batch_size=2, seq_len=16, data=train.load_corpus(1 << 17), progress=False)
     assert e.value.step == 3 and isinstance(e.value, FloatingPointError)
+
+
+def test_validation_takes_the_same_windows_whatever_the_batch_size(monkeypatch):
+    forward, seen = train.NormEverywhereLM.forward, {}
+
+    def spy(self, x, y):
+        if not self.training:
+            seen.setdefault(batch_size, []).append(x)
+        return forward(self, x, y)
+
+    monkeypatch.setattr(train.NormEverywhereLM, "forward", spy)
+    data = train.load_corpus(1 << 17)
+    for batch_size in (2, 5):
+        train.train("tiny", steps=2, batch_size=batch_size, seq_len=16, data=data, progress=False)
+    assert torch.equal(torch.cat(seen[2]), torch.cat(seen[5])) and torch.cat(seen[2]).shape == (train.EVAL_WINDOWS, 16)
+    batch_size = "direct"
+    train.evaluate(train.NormEverywhereLM(train.PRESETS["tiny"]), data, 16, "cpu", windows=40)  # a partial chunk
+    assert [len(x) for x in seen["direct"]] == [32, 8]
 
 
 def test_layer_norms_are_the_papers_norm_of_each_role():
