@@ -162,8 +162,8 @@ void fused_update_host(const FusedUpdateConfig& cfg, const std::vector<int64_t>&
   for (int64_t l = 0; l < nlines; ++l) {
     float step = coef;
     if (pl.mode != fu::kElem) {
-      float ss = 0.f;
-      for (int64_t k = 0; k < len; ++k) ss += dir(index(l, k)) * dir(index(l, k));
+      double ss = 0.0;
+      for (int64_t k = 0; k < len; ++k) ss += double(dir(index(l, k))) * double(dir(index(l, k)));
       step = norm_step(ss, alpha, coef);
     }
     for (int64_t k = 0; k < len; ++k) {

@@ -48,7 +48,7 @@ template <typename T, int V> __device__ __forceinline__ void stv(void* base, int
   *reinterpret_cast<Vec<T, V>*>(static_cast<T*>(base) + off) = v;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+__device__ __forceinline__ double warp_sum(double x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
@@ -68,11 +68,11 @@ __device__ __forceinline__ void load_dir(const Args& a, const Tensor& t, int64_t
 }
 
 template <typename T, int V>
-__device__ __forceinline__ void sumsq_dir(const Args& a, const Tensor& t, int64_t off, float (&ss)[V]) {
+__device__ __forceinline__ void sumsq_dir(const Args& a, const Tensor& t, int64_t off, double (&ss)[V]) {
   float g[V], d[V];
   load_dir<T, V>(a, t, off, g, d);
 #pragma unroll
-  for (int i = 0; i < V; ++i) ss[i] += d[i] * d[i];
+  for (int i = 0; i < V; ++i) ss[i] += double(d[i]) * double(d[i]);
 }
 
 // Writes p', buf' and (light) g' at V consecutive elements from off.
@@ -93,7 +93,7 @@ __device__ __forceinline__ void update(const Args& a, const Tensor& t, int64_t o
   if (a.scale_grad) stv<T, V>(t.g, off, go);
 }
 
-template <int V> __device__ __forceinline__ void fill(float (&x)[V], float v) {
+template <typename F, int V> __device__ __forceinline__ void fill(F (&x)[V], F v) {
 #pragma unroll
   for (int i = 0; i < V; ++i) x[i] = v;
 }
@@ -118,10 +118,10 @@ __device__ void row_item(const Args& a, const Tensor& t, int64_t item) {
   const int64_t r1 = min(t.rows, (item + 1) * t.rows_per_item);
   for (int64_t r = item * t.rows_per_item + warp; r < r1; r += kWarps) {
     const int64_t base = r * t.cols;
-    float ss[V];
-    fill(ss, 0.f);
+    double ss[V];
+    fill(ss, 0.0);
     for (int64_t c = int64_t(lane) * V; c < t.cols; c += 32 * V) sumsq_dir<T, V>(a, t, base + c, ss);
-    float s = 0.f;
+    double s = 0.0;
 #pragma unroll
     for (int i = 0; i < V; ++i) s += ss[i];
     float step[V];
@@ -132,29 +132,29 @@ __device__ void row_item(const Args& a, const Tensor& t, int64_t item) {
 
 // Column norms: one block per (batch, strip of TX*V columns) over all `rows` rows.
 template <typename T, int V>
-__device__ void col_item(const Args& a, const Tensor& t, int64_t item, float* red) {
+__device__ void col_item(const Args& a, const Tensor& t, int64_t item, double* red) {
   constexpr int TX = col_tx<V>(), TY = kThreads / TX, SW = TX * V;
   const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
   const int64_t strips = (t.cols + SW - 1) / SW, b = item / strips;
   const int64_t c = (item % strips) * SW + int64_t(tx) * V;
   const bool active = c < t.cols;  // vectors never straddle the edge: cols % V == 0
   const int64_t base = b * t.rows * t.cols + c;
-  float ss[V];
-  fill(ss, 0.f);
+  double ss[V];
+  fill(ss, 0.0);
   if (active)
     for (int64_t r = ty; r < t.rows; r += TY) sumsq_dir<T, V>(a, t, base + r * t.cols, ss);
 #pragma unroll
   for (int i = 0; i < V; ++i) red[ty * SW + tx * V + i] = ss[i];
   __syncthreads();
   if (threadIdx.x < SW) {
-    float s = 0.f;
+    double s = 0.0;
     for (int y = 0; y < TY; ++y) s += red[y * SW + threadIdx.x];
     red[TY * SW + threadIdx.x] = norm_step(s, t.alpha, t.coef);
   }
   __syncthreads();
   float step[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) step[i] = red[TY * SW + tx * V + i];
+  for (int i = 0; i < V; ++i) step[i] = float(red[TY * SW + tx * V + i]);
   if (active)
     for (int64_t r = ty; r < t.rows; r += TY) update<T, V, false>(a, t, base + r * t.cols, step);
 }
@@ -162,7 +162,7 @@ __device__ void col_item(const Args& a, const Tensor& t, int64_t item, float* re
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fused_update_kernel(const __grid_constant__ Args args) {
   constexpr int V = vec_width<T>();
-  __shared__ float red[kThreads * 8 + 64];  // TY*SW column partials + SW steps (TY*SW <= 2048, SW <= 64)
+  __shared__ double red[kThreads * 8 + 64];  // TY*SW fp64 column partials + SW steps (TY*SW <= 2048, SW <= 64)
   // The tensor of this block: last one whose first_item <= blockIdx.x.
   int lo = 0, hi = args.count - 1;
   while (lo < hi) {

@@ -88,8 +88,8 @@ void newton_schulz_host(const float* G, float* out, int64_t m, int64_t n, const 
   const bool tall = m > n;
   const int s = int(std::min(m, n)), l = int(std::max(m, n)), count = s * l;
   std::vector<float> X(count), A(size_t(s) * s), B(size_t(s) * s), Y(count);
-  float ss = 0.f;
-  for (int e = 0; e < count; ++e) ss += G[e] * G[e];
+  double ss = 0.0;
+  for (int e = 0; e < count; ++e) ss += double(G[e]) * double(G[e]);
   const float denom = ns_denom(ss, norm_mult, norm_eps);
   for (int e = 0; e < count; ++e) {
     int i, j;

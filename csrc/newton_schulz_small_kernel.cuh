@@ -100,11 +100,11 @@ template <typename T> __device__ __forceinline__ void store2(T* p, float x, floa
   *reinterpret_cast<Pair<T>*>(p) = Pair<T>{from_float<T>(x), from_float<T>(y)};
 }
 
-__device__ __forceinline__ float block_sum(float x, float* red) {
+__device__ __forceinline__ double block_sum(double x, double* red) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
   __syncthreads();
-  float s = 0.f;
+  double s = 0.0;
   for (int w = 0; w < int(blockDim.x / 32); ++w) s += red[w];
   return s;
 }
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(256, 2) newton_schulz_small_kernel(const Tin* 
                                                                      int s, int l, bool tall,
                                                                      const __grid_constant__ Coeffs co) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float red[32];
+  __shared__ double red[32];
   const int sp = (s + 15) / 16 * 16, lp = (l + 15) / 16 * 16, ldx = lp + kPad, lda = sp + kPad;
   T* X = reinterpret_cast<T*>(smem_raw);
   T* A = X + sp * ldx;
@@ -128,9 +128,9 @@ __global__ void __launch_bounds__(256, 2) newton_schulz_small_kernel(const Tin* 
   const int64_t off = int64_t(blockIdx.x) * s * l;
   const int count = s * l;
 
-  float ss = 0.f;
+  double ss = 0.0;  // fp64: no overflow for a huge but finite G
   for (int e = threadIdx.x; e < count; e += blockDim.x) {
-    const float x = to_float(G[off + e]);
+    const double x = to_float(G[off + e]);
     ss += x * x;
   }
   const float denom = ns_denom(block_sum(ss, red), co.mult, co.eps);

@@ -26,8 +26,11 @@ DK_HD float momentum_dir(float buf, float g, float keep, float momentum) { retur
 // sign(d), NaN kept (as torch.sign).
 DK_HD float sign_dir(float d) { return d > 0.f ? 1.f : (d < 0.f ? -1.f : d); }
 
-// Step factor of a row/column LMO: coef / (||d|| * alpha + 1e-8), coef = lr * scale.
-DK_HD float norm_step(float sumsq, float alpha, float coef) { return coef / (sqrtf(sumsq) * alpha + 1e-8f); }
+// Step factor of a row/column LMO: coef / (||d|| * alpha + 1e-8), coef = lr * scale. Sums of squares are
+// fp64 throughout: a huge but finite d (|d| > 2^64) would overflow an fp32 sum and give a zero step.
+DK_HD float norm_step(double sumsq, float alpha, float coef) {
+  return float(double(coef) / (sqrt(sumsq) * double(alpha) + 1e-8));
+}
 
 // Weight update:  p' = decay * p - step * d,  decay = 1 - lr (1 when unconstrained).
 DK_HD float apply_update(float p, float decay, float step, float d) { return p * decay - step * d; }
@@ -37,7 +40,7 @@ DK_HD float pi_sigma(float nu2, float nw2) { return nw2 != 0.f ? sqrtf(nw2) / sq
 DK_HD float pi_next_v(float w, float v, float nw2) { return nw2 != 0.f ? w / sqrtf(nw2) : v; }
 
 // Newton-Schulz: X0 = G / (mult ||G||_F + eps);  B = b A + c (A A);  X' = a X + 1 (B X).
-DK_HD float ns_denom(float sumsq, float mult, float eps) { return mult * sqrtf(sumsq) + eps; }
+DK_HD float ns_denom(double sumsq, float mult, float eps) { return float(double(mult) * sqrt(sumsq) + double(eps)); }
 DK_HD float ns_poly(float beta, float x, float alpha, float acc) { return beta * x + alpha * acc; }
 
 }  // namespace dk

@@ -25,7 +25,7 @@ import torch
 
 from . import _backend, distributed
 from ._finite import finite_mask
-from ._validate import like, real_tensor
+from ._validate import flag, like, number, real_tensor
 from .distributed import local
 from .lmo import Norm, make_norm
 from .ops import fused_update
@@ -54,18 +54,12 @@ def _param_name(group: dict, i: int, p: torch.Tensor, gi: int) -> str:
 
 
 def _check_hyper(group: dict) -> Norm:
-    """Validate a group's hyper-parameters; return its norm."""
-    lr, momentum, scale = group["lr"], group["momentum"], group["scale"]
-    if not torch.compiler.is_compiling():  # traced, lr may be symbolic (a schedule changes it): checked eagerly
-        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
-        raise ValueError(f"momentum must be in [0, 1] (it is one minus the usual factor), got {momentum!r}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if not isinstance(group["unconstrained"], bool):
-        raise TypeError(f"unconstrained must be a bool, got {group['unconstrained']!r}")
+    """Validate a group's hyper-parameters; return its norm. (Numbers are checked eagerly: traced by
+    torch.compile, one that a schedule changes is symbolic.)"""
+    number(group["lr"], "lr", 0.0)
+    number(group["momentum"], "momentum", 0.0, 1.0)  # (one minus the usual factor: 0.1 means 0.9 in SGD terms)
+    number(group["scale"], "scale")
+    flag(group["unconstrained"], "unconstrained")
     return make_norm(group["norm"], group["norm_kwargs"])
 
 

@@ -25,3 +25,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: compiled optimizer steps share Scion.step's code object, so
+    without a reset the recompiles of earlier tests count towards dynamo's recompile limit in later ones."""
+    yield
+    torch._dynamo.reset()

@@ -173,10 +173,14 @@ def test_monitor_refuses_bad_model_optimizer_and_path(tmp_path):
 HUGE = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float64: 1e200}  # squares overflow the dtype
 
 
-@pytest.mark.parametrize("dtype", list(HUGE))
+HUGE_CASES = [(dtype, backend) for dtype in HUGE for backend in dk.available_backends("cpu")
+              if backend == "torch" or dtype != torch.float64]  # (the kernels take 16/32-bit tensors)
+
+
+@pytest.mark.parametrize("dtype,backend", HUGE_CASES, ids=str)
 @pytest.mark.parametrize("norm,kwargs", [("Spectral", {"dtype": "float32"}), ("ColNorm", {"transpose": True}),
-                                         ("RowNorm", {}), ("BiasRMS", {}), ("Sign", {})])
-def test_huge_finite_gradients_do_not_overflow(dtype, norm, kwargs):
+                                         ("ColNorm", {}), ("RowNorm", {}), ("BiasRMS", {}), ("Sign", {})])
+def test_huge_finite_gradients_do_not_overflow(dtype, backend, norm, kwargs):
     """Norms of a huge but finite gradient are taken without overflow: every LMO is invariant to the
     gradient's scale but for its 1e-8, so the step is the one of the gradient scaled down to norms of
     ~1e10 (where the 1e-8 is below fp64's rounding and no square overflows), within the rule (plain: the
@@ -188,7 +192,7 @@ def test_huge_finite_gradients_do_not_overflow(dtype, norm, kwargs):
     g = torch.randn(shape, dtype=torch.float64)
     p = nn.Parameter(torch.zeros(shape, dtype=dtype))
     p.grad = (g * HUGE[dtype]).to(dtype)
-    dk.Scion([p], lr=1.0, norm=norm, norm_kwargs=kwargs, unconstrained=True, backend="torch").step()
+    dk.Scion([p], lr=1.0, norm=norm, norm_kwargs=kwargs, unconstrained=True, backend=backend).step()
     kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}  # the oracle iterates in its input's dtype
     scaled = p.grad.double() * (1e10 / HUGE[dtype])
     exact = -oracle.lmo(norm, scaled, **kwargs)
@@ -196,3 +200,30 @@ def test_huge_finite_gradients_do_not_overflow(dtype, norm, kwargs):
     plain = -oracle.lmo(norm, scaled.to(torch.float32 if norm == "Spectral" else plain_dtype(d)), **kwargs)
     assert p.isfinite().all()
     assert_close(p.detach(), exact, plain.to(plain_dtype(d)), d)  # (stored in p's dtype)
+
+
+@pytest.mark.parametrize("lmo,normalized,transpose", [("RowNorm", True, False), ("ColNorm", False, True),
+                                                     ("ColNorm", True, False), ("BiasRMS", True, False)])
+def test_cuda_kernels_math_takes_huge_gradients(lmo, normalized, transpose):
+    """The CUDA kernels' per-line math (run on the host through the extension's emulation, the same
+    source): fp64 sums of squares, so a 1e30 fp32 gradient steps as its scaled-down self; and the
+    fused Newton-Schulz kernel's normalisation likewise."""
+    import numpy as np
+
+    import oracle
+    from disco_kernels import _backend
+    from tolerances import assert_close
+
+    ext = _backend.cuda_extension()
+    if ext is None:
+        pytest.skip("the CUDA extension was not built (no nvcc at install)")
+    shape = (17,) if lmo == "BiasRMS" else (6, 9)
+    g = torch.randn(shape, dtype=torch.float64)
+    p32, g32 = np.zeros(shape, np.float32), (g * 1e30).float().numpy()
+    ext.host_fused_update(ext.LMOS[lmo], normalized, transpose, True, False, 1.0, 1.0, 1.0, list(shape), p32, g32, None)
+    kwargs = {} if lmo == "BiasRMS" else {"normalized": normalized, "transpose": transpose}
+    scaled = torch.from_numpy(g32).double() * 1e-20  # norms ~1e10: the 1e-8 below fp64's rounding
+    assert_close(torch.from_numpy(p32), -oracle.lmo(lmo, scaled, **kwargs), -oracle.lmo(lmo, scaled.float(), **kwargs))
+    G = torch.randn(5, 8, dtype=torch.float64)
+    out = ext.host_newton_schulz((G * 1e30).float().numpy(), list(oracle.JORDAN) * 5, 1.0, 1e-7)
+    assert_close(torch.from_numpy(out), oracle.newton_schulz(G), oracle.newton_schulz(G.float()))

@@ -107,6 +107,19 @@ def _finish(p_ptrs, g_ptrs, mask, d, u, decay, step, gdecay, LIGHT_DECAY: tl.con
 
 
 @triton.jit
+def _squares(d, AXIS: tl.constexpr):
+    """Sum of d² along AXIS in fp64: a huge but finite d (|d| > 2^64) would overflow fp32's sum."""
+    d = d.to(tl.float64)
+    return tl.sum(d * d, AXIS)
+
+
+@triton.jit
+def _inv_norm(ss, f):
+    """1 / (sqrt(ss) f + 1e-8) from an fp64 sum of squares, as fp32."""
+    return (1.0 / (tl.sqrt(ss) * f + 1e-8)).to(tl.float32)
+
+
+@triton.jit
 def _sign(d):
     """sign(d), NaN kept."""
     s = (d > 0).to(tl.float32) - (d < 0).to(tl.float32)
@@ -131,10 +144,10 @@ def _tile_kernel(tab, colsq_ptr, p_base, g_base, b_base, T, decay, step, momentu
     if MODE == 0:
         f = _factor(C, C, LMO, NORMALIZED)
     if MODE == 1:
-        colsq = tl.zeros((BC,), tl.float32)
+        colsq = tl.zeros((BC,), tl.float64)
     if MODE == 2:
         ss = tl.load(colsq_ptr + tl.load(ent + COL_OFF) + cols, mask=cols < C, other=0.0)
-        inv = 1.0 / (tl.sqrt(ss) * _factor(R, C, LMO, NORMALIZED) + 1e-8)
+        inv = _inv_norm(ss, _factor(R, C, LMO, NORMALIZED))
     for i in tl.static_range(LOOP):
         rows = r0 + i * BR + tl.arange(0, BR)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
@@ -142,7 +155,7 @@ def _tile_kernel(tab, colsq_ptr, p_base, g_base, b_base, T, decay, step, momentu
         b_ptrs = _ptrs(b_base, ent, B_OFF, SB_R, rows, cols, UNIT_C, ALIGN)
         if MODE == 1:
             d = _direction(g_ptrs, b_ptrs, mask, momentum, HAS_BUF)
-            colsq += tl.sum(d * d, 0)
+            colsq += _squares(d, 0)
         else:
             if MODE == 0:
                 d = _direction(g_ptrs, b_ptrs, mask, momentum, HAS_BUF)
@@ -173,18 +186,18 @@ def _row_kernel(tab, p_base, g_base, b_base, T, decay, step, momentum, gdecay,
         mask = (rows[:, None] < R) & (cols[None, :] < C)
         g_ptrs = _ptrs(g_base, ent, G_OFF, SG_R, rows, cols, UNIT_C, ALIGN)
         d = _direction(g_ptrs, _ptrs(b_base, ent, B_OFF, SB_R, rows, cols, UNIT_C, ALIGN), mask, momentum, HAS_BUF)
-        inv = 1.0 / (tl.sqrt(tl.sum(d * d, 1)) * f + 1e-8)
+        inv = _inv_norm(_squares(d, 1), f)
         _finish(_ptrs(p_base, ent, P_OFF, SP_R, rows, cols, UNIT_C, ALIGN), g_ptrs, mask, d, d * inv[:, None],
                 decay, step, gdecay, LIGHT_DECAY)
     else:  # sweep 1: d (stored to buf) and ||row||²; sweep 2 reads d back (from cache) and updates p
-        ss = tl.zeros((BR,), tl.float32)
+        ss = tl.zeros((BR,), tl.float64)
         for c in range(0, C, BC):
             cols = c + tl.arange(0, BC)
             mask = (rows[:, None] < R) & (cols[None, :] < C)
             d = _direction(_ptrs(g_base, ent, G_OFF, SG_R, rows, cols, UNIT_C, ALIGN),
                            _ptrs(b_base, ent, B_OFF, SB_R, rows, cols, UNIT_C, ALIGN), mask, momentum, HAS_BUF)
-            ss += tl.sum(d * d, 1)
-        inv = 1.0 / (tl.sqrt(ss) * f + 1e-8)
+            ss += _squares(d, 1)
+        inv = _inv_norm(ss, f)
         for c in range(0, C, BC):
             cols = c + tl.arange(0, BC)
             mask = (rows[:, None] < R) & (cols[None, :] < C)
@@ -250,7 +263,7 @@ def _launch(kind, idx, params, grads, bufs, has_buf, lmo, lr, momentum, scale, u
         _row_kernel[(start,)](tab, p0, g0, b0, ONE_PASS=BC >= max_c, num_warps=ROW_WARPS,
                               **common)
     elif kind == "col":
-        colsq = torch.zeros(col_off, dtype=torch.float32, device=p0.device)
+        colsq = torch.zeros(col_off, dtype=torch.float64, device=p0.device)
         _tile_kernel[(start,)](tab, colsq, p0, g0, b0, MODE=1, LOOP=TILE_LOOP, num_warps=TILE_WARPS, **common)
         _tile_kernel[(start,)](tab, colsq, p0, g0, b0, MODE=2, LOOP=TILE_LOOP, num_warps=TILE_WARPS, **common)
     else:

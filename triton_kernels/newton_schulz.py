@@ -46,19 +46,20 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _sumsq_kernel(g_ptr, part_ptr, rows, cols, s_b, s_r, s_c, rows_per_part, P,
                   BR: tl.constexpr, BC: tl.constexpr):
-    """part[b, p] = sum of g² over rows [p * rows_per_part, (p + 1) * rows_per_part) of matrix b."""
+    """part[b, p] = sum of g² over rows [p * rows_per_part, (p + 1) * rows_per_part) of matrix b, in fp64
+    (a huge but finite g, |g| > 2^64, would overflow an fp32 sum)."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     g = g_ptr + bid * s_b
     r0 = pid * rows_per_part
     r_end = tl.minimum(r0 + rows_per_part, rows)
-    acc = tl.zeros((BR, BC), tl.float32)
+    acc = tl.zeros((BR, BC), tl.float64)
     for r in range(r0, r_end, BR):
         rr = r + tl.arange(0, BR)
         for c in range(0, cols, BC):
             cc = c + tl.arange(0, BC)
             x = tl.load(g + rr[:, None].to(tl.int64) * s_r + cc.to(tl.int64)[None, :] * s_c,
-                        mask=(rr[:, None] < r_end) & (cc[None, :] < cols), other=0.0).to(tl.float32)
+                        mask=(rr[:, None] < r_end) & (cc[None, :] < cols), other=0.0).to(tl.float64)
             acc += x * x
     tl.store(part_ptr + bid * P + pid, tl.sum(tl.sum(acc, 1), 0))
 
@@ -70,7 +71,7 @@ def _x0_scale(part_ptr, bid, P, mult, eps, SCALED: tl.constexpr, PB: tl.constexp
     if SCALED:
         p = tl.arange(0, PB)
         ss = tl.sum(tl.load(part_ptr + bid * P + p, mask=p < P, other=0.0), 0)
-        return 1.0 / (mult * tl.sqrt(ss) + eps)
+        return (1.0 / (mult * tl.sqrt(ss) + eps)).to(tl.float32)
     return 1.0
 
 
@@ -198,7 +199,8 @@ def _small_kernel(g_ptr, out_ptr, coef_ptr, steps, m, n, sg_b, sg_m, sg_n, so_b,
     rn = tl.arange(0, BN).to(tl.int64)
     mask = (rm[:, None] < m) & (rn[None, :] < n)
     g = tl.load(g_ptr + bid * sg_b + rm[:, None] * sg_m + rn[None, :] * sg_n, mask=mask, other=0.0).to(tl.float32)
-    x = (g / (mult * tl.sqrt(tl.sum(tl.sum(g * g, 1), 0)) + eps)).to(DT)
+    g64 = g.to(tl.float64)  # the sum of squares in fp64: no overflow for a huge but finite g
+    x = (g / (mult * tl.sqrt(tl.sum(tl.sum(g64 * g64, 1), 0)) + eps).to(tl.float32)).to(DT)
     for k in range(steps):
         a = tl.load(coef_ptr + 3 * k)
         b = tl.load(coef_ptr + 3 * k + 1)
@@ -283,7 +285,7 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
         return out
 
     P = num_partials(M)
-    part = torch.empty((b, P), dtype=torch.float32, device=G.device)
+    part = torch.empty((b, P), dtype=torch.float64, device=G.device)
     rows_per_part = triton.cdiv(M, P)
     _sumsq_kernel[(P, b)](G3, part, M, N, *G3.stride(), rows_per_part, P, BR=8, BC=64)
     norm = dict(part_ptr=part, P=P, mult=mult, eps=eps, PB=triton.next_power_of_2(P), PREC=_PREC[dtype])
