@@ -1,0 +1,299 @@
+"""The torch paths of the three ops (``backend="torch"``) against the independent oracle.
+
+newton_schulz: every schedule, steps, dtype (and the fp32 / fp64 accumulation of the norm), tall,
+batched and non-contiguous input. power_iteration: warm and default starts, iterations, dtypes.
+fused_update: every LMO and flag, momentum, ScionLight, unconstrained, scale, lr, and the helpers
+``lmo_fn``, ``momentum_`` and ``apply_update_``. fp64 agrees to a few ulps; other dtypes follow the
+rule of tests/tolerances.py against the oracle run in that dtype.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import disco_kernels as dk
+import oracle
+from tolerances import assert_close, rel_err
+
+F64 = 1e-12
+fu = importlib.import_module("disco_kernels.ops.fused_update")
+ns_mod = importlib.import_module("disco_kernels.ops.newton_schulz")
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# -- newton_schulz -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 9), (9, 5), (3, 5, 9), (2, 9, 5), (2, 3, 4, 6)])
+@pytest.mark.parametrize("coefficients,steps", [("jordan", 5), ("jordan", 2), ("polar_express", 7),
+                                                ([(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)], 3), ("jordan", 0)])
+def test_newton_schulz_fp64(shape, coefficients, steps):
+    G = randn(*shape)
+    X = dk.ops.newton_schulz(G, steps, coefficients, backend="torch")
+    assert X.shape == G.shape and X.dtype == torch.float64 and X.is_contiguous()
+    assert rel_err(X, oracle.newton_schulz(G, steps, coefficients)) < F64
+
+
+def test_newton_schulz_defaults():
+    G = randn(6, 10)
+    assert rel_err(dk.ops.newton_schulz(G), oracle.newton_schulz(G, 5, "jordan")) < F64
+
+
+def test_newton_schulz_normalisation_of_a_tiny_g():
+    """||G|| comparable to the eps of each schedule: the eps (1e-7, 1e-6) and multiplier (1, 1.02) count."""
+    for coefficients, eps in (("jordan", 1e-7), ("polar_express", 1e-6)):
+        G = randn(4, 6)
+        G = G / G.norm() * eps
+        X = dk.ops.newton_schulz(G, 1, coefficients, backend="torch")
+        assert rel_err(X, oracle.newton_schulz(G, 1, coefficients)) < F64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 16, 24)])
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express"])
+def test_newton_schulz_in_dtype(dtype, shape, coefficients):
+    G = randn(*shape)
+    for source in (G, G.to(dtype)):
+        X = dk.ops.newton_schulz(source, 5, coefficients, dtype=dtype, backend="torch")
+        assert X.dtype == dtype
+        exact = oracle.newton_schulz(source.double(), 5, coefficients)
+        assert_close(X, exact, oracle.newton_schulz(source, 5, coefficients, dtype=dtype), dtype)
+
+
+def test_newton_schulz_dtype_defaults_to_gs():
+    G = randn(8, 12).float()
+    X = dk.ops.newton_schulz(G, backend="torch")
+    assert X.dtype == torch.float32
+    assert_close(X, oracle.newton_schulz(G.double()), oracle.newton_schulz(G), torch.float32)
+
+
+def test_newton_schulz_fp64_input_keeps_its_norm_in_fp64():
+    """An fp64 G iterated in fp32 is normalised in fp64: the squares of entries ~1e30 overflow fp32, not fp64.
+    (The plain fp32 error is taken on G / 1e30, the same matrix up to the eps.)"""
+    G = randn(6, 10) * 1e30
+    X = dk.ops.newton_schulz(G, dtype=torch.float32, backend="torch")
+    assert_close(X, oracle.newton_schulz(G), oracle.newton_schulz(G * 1e-30, dtype=torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.float32])
+def test_newton_schulz_fp16_g_past_its_norm(dtype):
+    """The norm accumulates and is kept in fp32: an fp16 G whose norm (~2e5) overflows fp16 still works."""
+    G = randn(8, 12)
+    G = (G / G.abs().max() * 3e4).half()
+    assert torch.linalg.vector_norm(G).isinf()
+    X = dk.ops.newton_schulz(G, dtype=dtype, backend="torch")
+    d = dtype or torch.float16
+    assert X.dtype == d and X.isfinite().all()
+    assert_close(X, oracle.newton_schulz(G.double()), oracle.newton_schulz(G, dtype=d), d)
+
+
+def test_newton_schulz_noncontiguous_and_tall_batches():
+    G = randn(3, 12, 20).transpose(-2, -1)  # (3, 20, 12): tall and not contiguous
+    X = dk.ops.newton_schulz(G, backend="torch")
+    assert X.is_contiguous() and X.shape == (3, 20, 12)
+    assert rel_err(X, oracle.newton_schulz(G)) < F64
+
+
+def test_accumulate_dtype():
+    assert ns_mod.accumulate_dtype(torch.bfloat16) == torch.float32
+    assert ns_mod.accumulate_dtype(torch.float16) == torch.float32
+    assert ns_mod.accumulate_dtype(torch.float32) == torch.float32
+    assert ns_mod.accumulate_dtype(torch.float64) == torch.float64
+
+
+def test_newton_schulz_torch_impl_directly():
+    """``_torch`` takes (G, triples, mult, eps, dtype): each is used."""
+    G = randn(4, 6)
+    triples = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
+    X = ns_mod._torch(G, triples, 1.02, 1e-6, torch.float64)
+    assert rel_err(X, oracle.newton_schulz(G, 2, [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)])) > 1e-6  # mult 1.02 != 1
+    want = G / (1.02 * G.norm() + 1e-6)
+    for a, b, c in triples:
+        A = want @ want.T
+        want = a * want + (b * A + c * A @ A) @ want
+    assert rel_err(X, want) < F64
+
+
+# -- power_iteration ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (3, 6, 4)])
+@pytest.mark.parametrize("iters", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_power_iteration(shape, iters, dtype):
+    W = randn(*shape).to(dtype)
+    v0 = torch.nn.functional.normalize(randn(*shape[:-2], shape[-1], seed=1), dim=-1)
+    sigma, v = dk.ops.power_iteration(W, v0.to(dtype), iters, backend="torch")
+    acc = torch.promote_types(dtype, torch.float32)
+    assert sigma.dtype == acc and v.dtype == acc and sigma.shape == shape[:-2] and v.shape == v0.shape
+    want_sigma, want_v = oracle.power_iteration(W.double(), v0.to(dtype).double(), iters)
+    tol = F64 if dtype == torch.float64 else 1e-5  # fp32 arithmetic on the same (rounded) inputs
+    assert rel_err(sigma, want_sigma) < tol and rel_err(v, want_v) < tol
+
+
+def test_power_iteration_defaults():
+    W = randn(2, 6, 8)
+    sigma, v = dk.ops.power_iteration(W)  # one iteration from the documented start vector
+    want = [oracle.power_iteration(w, oracle.start_vector(8), 1) for w in W]
+    assert rel_err(sigma, torch.stack([s for s, _ in want])) < 1e-6
+    assert rel_err(v, torch.stack([x for _, x in want])) < 1e-6
+    more, _ = dk.ops.power_iteration(W, iters=2)
+    assert rel_err(more, sigma) > 1e-6  # a second iteration moves the estimate
+
+
+def test_power_iteration_moves_v_to_ws_device():
+    W = torch.empty(2, 5, 4, device="meta")
+    sigma, v = dk.ops.power_iteration(W, torch.ones(2, 4) / 2)
+    assert sigma.device.type == "meta" and v.device.type == "meta" and sigma.shape == (2,) and v.shape == (2, 4)
+
+
+def test_power_iteration_v_on_another_dtype_and_layout():
+    W = randn(5, 8).float()
+    v0 = torch.nn.functional.normalize(randn(8, seed=1), dim=-1)
+    v_strided = torch.stack([v0, v0], dim=1)[:, 0]  # non-contiguous fp64 v
+    sigma, v = dk.ops.power_iteration(W, v_strided, 2, backend="torch")
+    assert sigma.dtype == torch.float32 and v.dtype == torch.float32
+    want_sigma, want_v = oracle.power_iteration(W.double(), v0.float().double(), 2)
+    assert rel_err(sigma, want_sigma) < 1e-6 and rel_err(v, want_v) < 1e-6
+
+
+# -- fused_update -----------------------------------------------------------------------------------
+
+FUSED = [  # lmo, flags, shapes
+    ("Sign", {"normalized": True}, [(6, 10), (10, 6)]),
+    ("Sign", {"normalized": False}, [(6, 10)]),
+    ("RowNorm", {"normalized": True, "transpose": False}, [(6, 10), (10, 6)]),
+    ("RowNorm", {"normalized": False, "transpose": True}, [(6, 10)]),
+    ("ColNorm", {"normalized": True, "transpose": True}, [(6, 10), (10, 6)]),
+    ("ColNorm", {"normalized": False, "transpose": False}, [(6, 10)]),
+    ("BiasRMS", {}, [(7,), (1,), (3, 4)]),
+]
+
+
+def _with_zero_lines(shape, seed):
+    g = randn(*shape, seed=seed)
+    if len(shape) == 2:
+        g[0] = 0
+        g[:, -1] = 0
+    return g
+
+
+@pytest.mark.parametrize("lmo,flags,shapes", FUSED, ids=lambda x: str(x))
+@pytest.mark.parametrize("momentum,light", [(1.0, False), (0.3, False), (0.3, True), (1.0, True)])
+@pytest.mark.parametrize("unconstrained", [False, True])
+def test_fused_update_fp64(lmo, flags, shapes, momentum, light, unconstrained):
+    ps = [randn(*s, seed=i) for i, s in enumerate(shapes)]
+    gs = [_with_zero_lines(s, 10 + i) for i, s in enumerate(shapes)]
+    bufs = [randn(*s, seed=20 + i) for i, s in enumerate(shapes)]
+    ps2, gs2, bufs2 = [x.clone() for x in ps], [x.clone() for x in gs], [x.clone() for x in bufs]
+    use_bufs = momentum != 1 and not light
+    dk.ops.fused_update(ps2, gs2, bufs2 if use_bufs else None, lmo=lmo, lr=0.1, momentum=momentum, scale=2.5,
+                        unconstrained=unconstrained, light=light, backend="torch", **flags)
+    kwargs = {k: v for k, v in flags.items()} if lmo != "BiasRMS" else {}
+    for p, g, b, p2, g2, b2 in zip(ps, gs, bufs, ps2, gs2, bufs2):
+        d = b * (1 - momentum) + g * momentum if use_bufs else g
+        want = oracle.scion_step(p, d, lr=0.1, scale=2.5, unconstrained=unconstrained, norm=lmo, norm_kwargs=kwargs)
+        assert rel_err(p2, want) < F64
+        assert rel_err(g2, g * (1 - momentum) if light and momentum != 1 else g) < F64  # ScionLight decays g
+        assert rel_err(b2, d if use_bufs else b) < F64  # the buffer is left alone when unused
+
+
+def test_fused_update_defaults():
+    """momentum 1, scale 1, constrained, normalized=True, transpose=False."""
+    p, g = randn(6, 10), randn(6, 10, seed=1)
+    p2 = p.clone()
+    dk.ops.fused_update([p2], [g.clone()], lmo="RowNorm", lr=0.1)
+    assert rel_err(p2, oracle.scion_step(p, g, lr=0.1, norm="RowNorm", norm_kwargs={"normalized": True})) < F64
+    p2 = p.clone()
+    dk.ops.fused_update([p2], [g.clone()], lmo="ColNorm", lr=0.1)
+    assert rel_err(p2, oracle.scion_step(p, g, lr=0.1, norm="ColNorm", norm_kwargs={"normalized": True})) < F64
+
+
+def test_fused_update_with_bufs_and_default_momentum_and_light():
+    """bufs given, momentum left at 1: the buffer becomes g; momentum given, light left False: Scion's buffer."""
+    p, g, b = randn(6, 10), randn(6, 10, seed=1), randn(6, 10, seed=2)
+    p2, b2 = p.clone(), b.clone()
+    dk.ops.fused_update([p2], [g.clone()], [b2], lmo="RowNorm", lr=0.1)
+    assert rel_err(b2, g) < F64
+    assert rel_err(p2, oracle.scion_step(p, g, lr=0.1, norm="RowNorm")) < F64
+    p2, g2, b2 = p.clone(), g.clone(), b.clone()
+    dk.ops.fused_update([p2], [g2], [b2], lmo="RowNorm", lr=0.1, momentum=0.25)
+    d = 0.75 * b + 0.25 * g
+    assert rel_err(b2, d) < F64 and torch.equal(g2, g)
+    assert rel_err(p2, oracle.scion_step(p, d, lr=0.1, norm="RowNorm")) < F64
+
+
+def test_fused_update_buffer_with_light_is_left_alone():
+    """light=True with bufs: the buffer is not updated, the step goes along g."""
+    p, g, b = randn(6, 10), randn(6, 10, seed=1), randn(6, 10, seed=2)
+    p2, g2, b2 = p.clone(), g.clone(), b.clone()
+    dk.ops.fused_update([p2], [g2], [b2], lmo="Sign", lr=0.1, momentum=0.5, light=True, backend="torch")
+    assert torch.equal(b2, b)
+    assert rel_err(p2, oracle.scion_step(p, g, lr=0.1, norm="Sign")) < F64
+    assert rel_err(g2, 0.5 * g) < F64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("lmo,flags", [("RowNorm", {"transpose": True}), ("ColNorm", {}), ("BiasRMS", {}),
+                                       ("Sign", {"normalized": False})])
+def test_fused_update_low_precision(dtype, lmo, flags):
+    """Line norms of 16-bit g in fp32 (no 0 / 0 on a zero line, no g² overflow); the update in g's dtype."""
+    shape = (9,) if lmo == "BiasRMS" else (9, 16)
+    p = randn(*shape).to(dtype)
+    g = randn(*shape, seed=1)
+    if lmo != "BiasRMS":
+        g[4] = 0
+        g[:, 2] = 0
+    g[1] = 300.0
+    g = g.to(dtype)
+    kwargs = {"normalized": True, **flags} if lmo != "BiasRMS" else {}
+    exact = oracle.scion_step(p.double(), g.double(), lr=0.1, norm=lmo, norm_kwargs=kwargs)
+    wide = torch.promote_types(dtype, torch.float32)
+    plain = (p * (1 - 0.1) - 0.1 * oracle.lmo(lmo, g.to(wide), **kwargs).to(dtype))
+    p2 = p.clone()
+    dk.ops.fused_update([p2], [g], lmo=lmo, lr=0.1, backend="torch", **kwargs)
+    assert p2.dtype == dtype and p2.isfinite().all()
+    assert_close(p2, exact, plain, dtype)
+
+
+@pytest.mark.parametrize("lmo,flags", [("RowNorm", (True, True)), ("RowNorm", (False, False)),
+                                       ("ColNorm", (True, False)), ("ColNorm", (False, True)),
+                                       ("Sign", (True, False)), ("Sign", (False, False)), ("BiasRMS", (True, False))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lmo_fn(lmo, flags, dtype):
+    normalized, transpose = flags
+    g = randn(6, 10)
+    g[2] = 0
+    g = g.to(dtype)
+    out = fu.lmo_fn(lmo, normalized, transpose)(g)
+    assert out.dtype == dtype
+    kwargs = {} if lmo == "BiasRMS" else {"normalized": normalized} if lmo == "Sign" else {
+        "normalized": normalized, "transpose": transpose}
+    want = oracle.lmo(lmo, g.to(torch.promote_types(dtype, torch.float32)), **kwargs).to(dtype)
+    assert torch.equal(out, want) if lmo == "Sign" else rel_err(out, want) < (F64 if dtype == torch.float64 else 1e-2)
+    if dtype == torch.bfloat16 and lmo != "Sign":  # computed in fp32, rounded once
+        assert rel_err(out, want) <= rel_err(want, oracle.lmo(lmo, g.double(), **kwargs))
+
+
+def test_momentum_and_apply_update_helpers():
+    bufs, grads = [randn(3, 4), randn(5)], [randn(3, 4, seed=1), randn(5, seed=1)]
+    want = [b * 0.75 + g * 0.25 for b, g in zip(bufs, grads)]
+    fu.momentum_(bufs, grads, 0.25)
+    assert all(rel_err(b, w) < F64 for b, w in zip(bufs, want))
+    params, updates = [randn(3, 4, seed=2), randn(5, seed=2)], [randn(3, 4, seed=3), randn(5, seed=3)]
+    for unconstrained in (False, True):
+        ps = [p.clone() for p in params]
+        fu.apply_update_(ps, updates, 0.1, 3.0, unconstrained)
+        for p, p0, u in zip(ps, params, updates):
+            assert rel_err(p, (p0 if unconstrained else p0 * 0.9) - 0.1 * 3.0 * u) < F64
+    ups = [u.clone() for u in updates]
+    fu.apply_update_([p.clone() for p in params], ups, 0.1, 3.0, False)
+    assert all(torch.equal(u, v) for u, v in zip(ups, updates))  # the updates are not scaled in place
+
+
+def test_fused_update_empty_list_is_a_no_op():
+    dk.ops.fused_update([], [], None, lmo="Sign", lr=0.1)
+    dk.ops.fused_update([], [], [], lmo="RowNorm", lr=0.1, backend="torch")

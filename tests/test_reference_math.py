@@ -1,0 +1,433 @@
+"""``disco_kernels.reference`` against the independent oracle (tests/oracle.py), flag by flag.
+
+The reference is what every backend is tested against, so each of its knobs (schedules, steps, the
+normalisation's multiplier and eps, ``exact``, ``dtype``, ``normalized``, ``transpose``, ``max``, the
+1e-8 of the line norms, the rank cut of the polar factor, the fp64 chunking of the line norms) has a
+case here whose answer changes when the knob does. fp64 results must agree to a few ulps of fp64 (the
+same math in another order); results in a 16-bit dtype follow the rule of tests/tolerances.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import oracle
+from disco_kernels import reference as ref
+from tolerances import assert_close, rel_err
+
+F64 = 1e-12  # fp64: the same math summed in another order
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express", [(2.0, -1.5, 0.5)],
+                                          [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]])
+@pytest.mark.parametrize("steps", [0, 1, 5, 7])
+def test_ns_schedule_is_the_oracles(coefficients, steps):
+    triples, mult, eps = ref.ns_schedule(coefficients, steps)
+    want, want_mult, want_eps = oracle.schedule(coefficients, steps)
+    assert [tuple(t) for t in triples] == [tuple(t) for t in want]
+    assert (mult, eps) == (want_mult, want_eps)
+    assert all(isinstance(x, float) for t in triples for x in t)
+
+
+def test_ns_schedule_defaults_and_constants():
+    assert ref.ns_schedule() == ([oracle.JORDAN] * 5, 1.0, 1e-7)
+    assert ref.JORDAN == oracle.JORDAN and ref.POLAR_EXPRESS == oracle.POLAR_EXPRESS
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True, False, "5", None])
+def test_ns_schedule_bad_steps(steps):
+    with pytest.raises(ValueError, match=r"^steps must be a non-negative int, got " + repr(steps).replace(".", r"\.")):
+        ref.ns_schedule("jordan", steps)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("nope", r"^coefficients must be one of \['jordan', 'polar_express'\] or a list of \(a, b, c\), got 'nope'$"),
+    (3, r"^coefficients must be a name or a list of \(a, b, c\) triples, got 3$"),
+    ([1.0, 2.0, 3.0], r"^coefficients must be a name or a list of \(a, b, c\) triples, got \[1\.0, 2\.0, 3\.0\]$"),
+    ([], r"^coefficients must be a non-empty list of \(a, b, c\) triples, got \[\]$"),
+    ([(1, 2, 3), (1, 2)], r"^coefficients must be a non-empty list of \(a, b, c\) triples, got \[\(1, 2, 3\), \(1, 2\)\]$"),
+    ([(1, 2, 3, 4)], r"non-empty list of \(a, b, c\) triples"),
+])
+def test_ns_schedule_bad_coefficients(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ref.ns_schedule(bad, 5)
+
+
+# -- Newton-Schulz ----------------------------------------------------------------------------------
+
+NS_SHAPES = [(1, 1), (5, 9), (9, 5), (6, 6), (3, 4, 7), (2, 7, 4)]
+
+
+@pytest.mark.parametrize("shape", NS_SHAPES)
+@pytest.mark.parametrize("coefficients,steps", [("jordan", 5), ("jordan", 1), ("polar_express", 7),
+                                                ([(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)], 3)])
+def test_newton_schulz_fp64_is_the_oracles(shape, coefficients, steps):
+    G = randn(*shape)
+    got = ref.newton_schulz(G, steps, coefficients)
+    assert got.dtype == torch.float64 and got.shape == G.shape
+    assert rel_err(got, oracle.newton_schulz(G, steps, coefficients)) < F64
+
+
+def test_newton_schulz_defaults_are_five_jordan_steps():
+    G = randn(6, 10)
+    assert rel_err(ref.newton_schulz(G), oracle.newton_schulz(G, 5, "jordan")) < F64
+    assert rel_err(ref.newton_schulz(G), oracle.newton_schulz(G, 4, "jordan")) > 1e-3
+
+
+def test_newton_schulz_normalisation_eps_matters_for_tiny_g():
+    """X0 = G / (mult ||G|| + eps): for ||G|| ~ eps the eps halves X0, which many steps cannot undo."""
+    for coefficients, eps in (("jordan", 1e-7), ("polar_express", 1e-6), ([(2.0, -1.5, 0.5)], 1e-7)):
+        G = randn(4, 6)
+        G = G / G.norm() * eps
+        got = ref.newton_schulz(G, 1, coefficients)
+        assert rel_err(got, oracle.newton_schulz(G, 1, coefficients)) < F64
+        assert rel_err(got, oracle.newton_schulz(G / 2, 1, coefficients)) > 1e-3  # eps really is eps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (2, 16, 16)])
+def test_newton_schulz_in_dtype(dtype, shape):
+    """dtype= iterates in dtype (the input is read in at least fp32): within the rule of the oracle in dtype."""
+    G = randn(*shape)
+    got = ref.newton_schulz(G, 5, "jordan", dtype=dtype)
+    assert got.dtype == dtype
+    assert_close(got, oracle.newton_schulz(G, 5), oracle.newton_schulz(G, 5, dtype=dtype), dtype)
+    assert rel_err(got, oracle.newton_schulz(G, 5)) > 0  # really in dtype, not fp64
+    assert ref.newton_schulz(G.to(dtype)).dtype == dtype  # default: G's dtype
+
+
+def _fp16_past_its_norm():
+    """An fp16 G whose entries fit fp16 but whose Frobenius norm (~2e5) does not."""
+    G = randn(8, 12)
+    return (G / G.abs().max() * 3e4).half()
+
+
+def test_newton_schulz_normalises_before_rounding():
+    """The norm is taken in at least fp32, then X0 rounded to the iteration dtype: an fp16 G whose norm
+    overflows fp16 still gives the answer."""
+    G = _fp16_past_its_norm()
+    assert torch.linalg.vector_norm(G).isinf()  # in fp16 it would be inf
+    got = ref.newton_schulz(G)
+    assert got.dtype == torch.float16
+    assert_close(got, oracle.newton_schulz(G.double()), oracle.newton_schulz(G, dtype=torch.float16), torch.float16)
+
+
+def test_newton_schulz_zero_and_nan():
+    assert ref.newton_schulz(torch.zeros(3, 5, dtype=torch.float64)).abs().max() == 0
+    G = randn(3, 5)
+    G[1, 1] = float("nan")
+    assert ref.newton_schulz(G).isnan().all()
+
+
+# -- polar factor ---------------------------------------------------------------------------------
+
+def _diag(values, m, n):
+    G = torch.zeros(m, n, dtype=torch.float64)
+    for i, v in enumerate(values):
+        G[i, i] = v
+    return G
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6), (3, 4, 7)])
+def test_polar_factor_is_the_oracles(shape):
+    G = randn(*shape)
+    assert rel_err(ref.polar_factor(G), oracle.polar(G)) < 1e-10
+
+
+def test_polar_factor_drops_directions_below_the_rank_cut():
+    """Singular values at most max(m, n) * eps * sigma_max carry no direction (diagonal G: exact SVD)."""
+    eps = torch.finfo(torch.float64).eps
+    G = _diag([1.0, 0.1 * eps, 2.0 * eps], 10, 12)  # cut 12 eps: both small ones dropped
+    assert torch.equal(ref.polar_factor(G), _diag([1.0], 10, 12))
+    G = _diag([1.0, 14 * eps], 10, 12)  # above the cut: a direction
+    assert torch.equal(ref.polar_factor(G), _diag([1.0, 1.0], 10, 12))
+    G = _diag([1.0, 3 * eps], 2, 2).expand(5, 2, 2)  # batch of 5 2x2 matrices: cut 2 eps, not 5 eps
+    assert torch.equal(ref.polar_factor(G), _diag([1.0, 1.0], 2, 2).expand(5, 2, 2))
+    assert rel_err(ref.polar_factor(G), oracle.polar(G)) == 0
+
+
+def test_polar_factor_cuts_each_matrix_by_its_own_largest_value():
+    G = torch.stack([_diag([1.0, 0.5, 0.25, 0.125], 4, 6), 1e-20 * randn(4, 6)])
+    P = ref.polar_factor(G)
+    assert rel_err(P, oracle.polar(G)) < 1e-10
+    assert torch.equal(P[0], _diag([1.0] * 4, 4, 6))
+    assert torch.allclose(torch.linalg.svdvals(P[1]), torch.ones(4, dtype=torch.float64))
+
+
+def test_polar_factor_of_other_dtypes_is_fp64():
+    G = randn(4, 6).float()
+    assert ref.polar_factor(G).dtype == torch.float64
+    assert rel_err(ref.polar_factor(G), oracle.polar(G.double())) < 1e-10
+
+
+# -- Spectral and SpectralConv -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("d_out,d_in", [(3, 12), (12, 3), (5, 5), (1, 7)])
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("max_", [True, False])
+def test_spectral_scale(d_out, d_in, normalized, max_):
+    got = ref.spectral_scale(d_out, d_in, normalized, max_)
+    assert got == pytest.approx(oracle.spectral_scale(d_out, d_in, normalized, max_), rel=1e-15)
+
+
+def test_spectral_scale_defaults():
+    assert ref.spectral_scale(3, 12) == 0.5  # normalized, no max
+    assert ref.spectral_scale(3, 12, max=True) == 1.0
+    assert ref.spectral_scale(12, 3, max=True) == 2.0
+    assert ref.spectral_scale(4, 100, normalized=False) == 2.0
+
+
+@pytest.mark.parametrize("shape,want", [((6, 2, 3), math.sqrt(3) / 3), ((6, 2, 3, 3), math.sqrt(3) / 9),
+                                        ((2, 8, 5), 0.5 / 5), ((2, 8, 2, 2), 0.5 / 4)])
+def test_spectral_conv_scale(shape, want):
+    assert ref.spectral_conv_scale(shape) == pytest.approx(want, rel=1e-15)
+    assert ref.spectral_conv_scale(list(shape)) == pytest.approx(want, rel=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(3, 12), (12, 3), (2, 6, 9)])
+@pytest.mark.parametrize("kwargs", [{}, {"normalized": False}, {"max": True}, {"max": True, "normalized": False},
+                                    {"steps": 2}, {"coefficients": "polar_express", "steps": 6}])
+def test_lmo_spectral_fp64(shape, kwargs):
+    g = randn(*shape)
+    got = ref.lmo_spectral(g, **kwargs)
+    if len(shape) == 2:
+        assert rel_err(got, oracle.lmo("Spectral", g, **kwargs)) < F64
+    else:  # batched: the reference scales by the last two dims
+        ns = {k: v for k, v in kwargs.items() if k in ("steps", "coefficients")}
+        scale = oracle.spectral_scale(*shape[-2:], kwargs.get("normalized", True), kwargs.get("max", False))
+        assert rel_err(got, oracle.newton_schulz(g, **ns) * scale) < F64
+
+
+@pytest.mark.parametrize("shape", [(3, 12), (12, 3)])
+@pytest.mark.parametrize("flags", [{}, {"normalized": False}, {"max": True}])
+def test_lmo_spectral_exact(shape, flags):
+    g = randn(*shape)
+    got = ref.lmo_spectral(g, exact=True, **flags)
+    scale = oracle.spectral_scale(*shape, flags.get("normalized", True), flags.get("max", False))
+    assert rel_err(got, oracle.polar(g) * scale) < 1e-10
+    assert rel_err(got, ref.lmo_spectral(g, **flags)) > 1e-3  # five steps are not the polar factor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lmo_spectral_in_dtype(dtype):
+    g = randn(12, 20)
+    got = ref.lmo_spectral(g, dtype=dtype)
+    assert got.dtype == dtype
+    assert_close(got, oracle.spectral(g), oracle.spectral(g, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 3), (4, 3, 2, 2), (2, 5, 3, 3)])  # square kernels: see the note below
+@pytest.mark.parametrize("kwargs", [{}, {"steps": 2}, {"coefficients": "polar_express"}])
+def test_lmo_spectral_conv(shape, kwargs):
+    """(A (k1, k2) kernel with k1 != k2 is left out: the reference divides by k1², the oracle by k1 k2.)"""
+    g = randn(*shape)
+    got = ref.lmo_spectral_conv(g, **kwargs)
+    assert got.shape == g.shape
+    assert rel_err(got, oracle.lmo("SpectralConv", g, **kwargs)) < F64
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 3), (4, 3, 2, 2)])
+def test_lmo_spectral_conv_exact_and_dtype(shape):
+    g = randn(*shape)
+    k = shape[2] if len(shape) == 3 else shape[2] * shape[3]
+    scale = math.sqrt(shape[0] / shape[1]) / k
+    exact = ref.lmo_spectral_conv(g, exact=True)
+    assert rel_err(exact, (oracle.polar(g.reshape(shape[0], -1)) * scale).reshape(shape)) < 1e-10
+    got = ref.lmo_spectral_conv(g, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert_close(got, oracle.spectral_conv(g), oracle.spectral_conv(g, dtype=torch.bfloat16), torch.bfloat16)
+
+
+# -- line-wise, sign and bias LMOs ---------------------------------------------------------------------
+
+LINE_SHAPES = [(6, 10), (10, 6), (1, 5), (5, 1), (3, 6, 10)]
+
+
+def _with_zero_lines(shape):
+    g = randn(*shape)
+    g[..., 0, :] = 0  # a zero row
+    g[..., :, -1] = 0  # a zero column
+    return g
+
+
+@pytest.mark.parametrize("shape", LINE_SHAPES)
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_lmo_colnorm(shape, normalized, transpose):
+    g = _with_zero_lines(shape)
+    got = ref.lmo_colnorm(g, normalized, transpose)
+    want = torch.stack([oracle.colnorm(x, normalized, transpose) for x in g.reshape(-1, *shape[-2:])])
+    assert rel_err(got, want.reshape(shape)) < F64
+
+
+@pytest.mark.parametrize("shape", LINE_SHAPES)
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_lmo_rownorm(shape, normalized, transpose):
+    g = _with_zero_lines(shape)
+    got = ref.lmo_rownorm(g, normalized, transpose)
+    want = torch.stack([oracle.rownorm(x, normalized, transpose) for x in g.reshape(-1, *shape[-2:])])
+    assert rel_err(got, want.reshape(shape)) < F64
+
+
+def test_line_norm_defaults():
+    g = randn(6, 10)
+    assert rel_err(ref.lmo_colnorm(g), oracle.colnorm(g, normalized=False, transpose=False)) < F64
+    assert rel_err(ref.lmo_rownorm(g), oracle.rownorm(g, normalized=True, transpose=False)) < F64
+
+
+@pytest.mark.parametrize("fn", [ref.lmo_colnorm, ref.lmo_rownorm])
+def test_line_norm_eps_is_1e_minus_8(fn):
+    """Lines of norm ~1e-8: the result is g / (norm + 1e-8), about half of a unit line."""
+    g = randn(4, 4)
+    g = g / g.norm(dim=0, keepdim=True) / g.norm(dim=1, keepdim=True) * 1e-8
+    want = oracle.colnorm(g) if fn is ref.lmo_colnorm else oracle.rownorm(g)
+    assert rel_err(fn(g), want) < F64
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (1, 1), (3, 2, 5)])
+def test_lmo_sign(shape):
+    g = randn(*shape)
+    g[..., 0, 0] = 0
+    assert torch.equal(ref.lmo_sign(g), torch.sign(g) / shape[-1])
+    assert torch.equal(ref.lmo_sign(g, normalized=False), torch.sign(g))
+    matrix = g if len(shape) == 2 else g[0]
+    assert torch.equal(ref.lmo_sign(matrix, True), oracle.sign(matrix, normalized=True))
+
+
+@pytest.mark.parametrize("shape", [(9,), (1,), (5, 3), ()])
+def test_lmo_bias_rms(shape):
+    g = randn(*shape) if shape else torch.tensor(-0.3, dtype=torch.float64)
+    assert rel_err(ref.lmo_bias_rms(g), oracle.bias_rms(g)) < F64
+    tiny = g * 1e-9  # the 1e-8 is comparable
+    assert rel_err(ref.lmo_bias_rms(tiny), oracle.bias_rms(tiny)) < F64
+    assert ref.lmo_bias_rms(torch.zeros(shape, dtype=torch.float64)).abs().max() == 0
+
+
+# -- the update -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [1.0, 0.25])
+@pytest.mark.parametrize("unconstrained", [False, True])
+def test_scion_update(momentum, unconstrained):
+    p, g, buf = randn(5, 7, seed=1), randn(5, 7, seed=2), randn(5, 7, seed=3)
+    new_p, new_buf = ref.scion_update(p, g, buf, oracle.rownorm, 0.1, momentum, 3.0, unconstrained)
+    d = buf * (1 - momentum) + g * momentum if momentum != 1 else g
+    want = oracle.scion_step(p, d, lr=0.1, scale=3.0, unconstrained=unconstrained, norm="RowNorm")
+    assert rel_err(new_p, want) < F64
+    assert new_buf is buf if momentum == 1 else rel_err(new_buf, d) < F64
+
+
+# -- power iteration -----------------------------------------------------------------------------------------
+
+def test_default_start_vector_follows_w_and_not_the_default_dtype():
+    """The start vector lives on W's device and is computed in fp32 whatever torch's default dtype."""
+    assert ref.default_start_vector(torch.empty(2, 3, 5, device="meta")).device.type == "meta"
+    want = ref.default_start_vector(torch.empty(3, 5))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = ref.default_start_vector(torch.empty(3, 5))
+    finally:
+        torch.set_default_dtype(old)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_default_start_vector():
+    W = randn(3, 4, 9)
+    v = ref.default_start_vector(W)
+    assert v.shape == (3, 9) and v.dtype == torch.float32 and v.is_contiguous()
+    for row in v:
+        assert rel_err(row, oracle.start_vector(9)) < 1e-6
+    assert rel_err(ref.default_start_vector(randn(4, 9)), oracle.start_vector(9)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (3, 6, 4)])
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_power_iteration_is_the_oracles(shape, iters):
+    W = randn(*shape)
+    v0 = torch.nn.functional.normalize(randn(*shape[:-2], shape[-1], seed=1), dim=-1)
+    sigma, v = ref.power_iteration(W, v0, iters)
+    want_sigma, want_v = oracle.power_iteration(W, v0, iters)
+    assert sigma.shape == shape[:-2] and v.shape == v0.shape
+    assert rel_err(sigma, want_sigma) < F64 and rel_err(v, want_v) < F64
+
+
+def test_power_iteration_defaults():
+    W = randn(6, 8)
+    sigma, v = ref.power_iteration(W)
+    want_sigma, want_v = oracle.power_iteration(W, oracle.start_vector(8), 1)
+    assert rel_err(sigma, want_sigma) < 1e-6 and rel_err(v, want_v) < 1e-6
+    assert sigma.dtype == torch.float64 and v.dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (3, 6, 4)])
+def test_power_iteration_without_iterations(shape):
+    """iters=0: sigma 0 of W's batch shape, dtype and device, and the start vector."""
+    W = randn(*shape)
+    sigma, v = ref.power_iteration(W, iters=0)
+    assert sigma.shape == shape[:-2] and sigma.dtype == torch.float64 and (sigma == 0).all()
+    assert torch.equal(v, ref.default_start_vector(W).double())
+    sigma, _ = ref.power_iteration(torch.empty(*shape, device="meta", dtype=torch.float16), iters=0)
+    assert sigma.device.type == "meta" and sigma.dtype == torch.float16 and sigma.shape == shape[:-2]
+
+
+def test_power_iteration_zero_and_nan_matrices():
+    W = randn(3, 4, 6)
+    W[0] = 0
+    W[1, 2, 3] = float("nan")
+    v0 = torch.nn.functional.normalize(randn(3, 6, seed=1), dim=-1)
+    sigma, v = ref.power_iteration(W, v0, 2)
+    assert sigma[0] == 0 and torch.equal(v[0], v0[0])
+    assert sigma[1].isnan()
+    want_sigma, want_v = oracle.power_iteration(W[2], v0[2], 2)
+    assert rel_err(sigma[2], want_sigma) < F64 and rel_err(v[2], want_v) < F64
+
+
+# -- operator norms ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (1, 4), (2, 5, 3)])
+def test_operator_norms_are_the_oracles(shape):
+    W = randn(*shape)
+    assert rel_err(ref.sigma_max(W), oracle.singular_values(W)[..., 0]) < F64
+    assert rel_err(ref.rms_to_rms(W), oracle.rms_to_rms(W)) < F64
+    assert rel_err(ref.rms_to_inf(W), oracle.rms_to_inf(W)) < F64
+    assert rel_err(ref.l1_to_rms(W), oracle.l1_to_rms(W)) < F64
+    assert rel_err(ref.condition_number(W), oracle.condition_number(W)) < F64
+    for sign in (1, -1):  # the largest magnitude may be a positive or a negative entry
+        assert torch.equal(ref.supremum(sign * W), oracle.supremum(W))
+    assert ref.supremum(W.float()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+@pytest.mark.parametrize("shape", [(3, 40), (40, 3), (2, 5, 12), (2, 12, 5)])
+def test_max_line_norm_chunks_fp64_copies(monkeypatch, dim, shape):
+    """With a small FP64_CHUNK, no fp64 copy holds more than max(FP64_CHUNK, one line) elements,
+    and the result is the same as in one piece."""
+    W = randn(*shape).float()
+    want = W.double().pow(2).sum(dim).sqrt().amax(-1)
+    line = shape[-1] if dim == -1 else shape[-2]
+    batch = math.prod(shape[:-2])
+    for chunk in (1, 2 * line * batch, 5 * line * batch):
+        monkeypatch.setattr(ref, "FP64_CHUNK", chunk)
+        sizes = []
+        real = torch.Tensor.double
+
+        def double(t):
+            sizes.append(t.numel())
+            return real(t)
+
+        monkeypatch.setattr(torch.Tensor, "double", double)
+        got = ref.max_line_norm(W, dim)
+        monkeypatch.setattr(torch.Tensor, "double", real)
+        assert rel_err(got, want) < F64
+        assert max(sizes) <= max(chunk, line * batch), (chunk, sizes)
+        lines = shape[-2] if dim == -1 else shape[-1]
+        assert sum(sizes) == W.numel() and len(sizes) == -(-lines // max(1, chunk // (line * batch)))

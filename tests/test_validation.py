@@ -1,0 +1,286 @@
+"""Bad input gets a clear error that names the parameter, its place and its shape (DESIGN.md, Conventions).
+
+The ops' public functions and the optimizers are checked message by message: each message says what
+was wrong and with which value, so a message that loses its subject, its value or its place fails.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+
+import disco_kernels as dk
+
+
+def exact(msg: str) -> str:
+    return "^" + re.escape(msg) + "$"
+
+
+# -- ops ---------------------------------------------------------------------------------------------
+
+def test_newton_schulz_messages():
+    with pytest.raises(TypeError, match=exact("G must be a torch.Tensor, got list")):
+        dk.ops.newton_schulz([[1.0]])
+    with pytest.raises(ValueError, match=exact("G must be (m, n) or (b, m, n), got shape (5,)")):
+        dk.ops.newton_schulz(torch.randn(5))
+    with pytest.raises(TypeError, match=exact("G must be a floating-point tensor, got dtype torch.int64")):
+        dk.ops.newton_schulz(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=exact("dtype must be a floating-point dtype, got torch.int32")):
+        dk.ops.newton_schulz(torch.ones(3, 3), dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^steps must be a non-negative int, got -1$"):
+        dk.ops.newton_schulz(torch.ones(3, 3), -1)
+    with pytest.raises(ValueError, match=r"^backend must be one of \('auto', 'torch', 'triton', 'cuda'\), got 'tpu'$"):
+        dk.ops.newton_schulz(torch.ones(3, 3), backend="tpu")
+
+
+def test_power_iteration_messages():
+    with pytest.raises(TypeError, match=exact("W must be a torch.Tensor, got list")):
+        dk.ops.power_iteration([[1.0]])
+    with pytest.raises(ValueError, match=exact("W must be (m, n) or (b, m, n), got shape (2, 2, 2, 2)")):
+        dk.ops.power_iteration(torch.randn(2, 2, 2, 2))
+    with pytest.raises(ValueError, match=exact("W must be (m, n) or (b, m, n), got shape (5,)")):
+        dk.ops.power_iteration(torch.randn(5))
+    with pytest.raises(TypeError, match=exact("W must be a floating-point tensor, got dtype torch.int64")):
+        dk.ops.power_iteration(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=exact("v must have shape (2, 4) for W of shape (2, 3, 4), got (2, 3)")):
+        dk.ops.power_iteration(torch.randn(2, 3, 4), torch.randn(2, 3))
+    with pytest.raises(ValueError, match=exact("v must have shape (4,) for W of shape (3, 4), got (3,)")):
+        dk.ops.power_iteration(torch.randn(3, 4), torch.randn(3))
+    with pytest.raises(ValueError, match=r"^backend must be one of"):
+        dk.ops.power_iteration(torch.randn(3, 4), backend="tpu")
+
+
+@pytest.mark.parametrize("iters", [0, -2, True, False, 2.5, "3", None])
+def test_power_iteration_iters_must_be_a_positive_int(iters):
+    with pytest.raises(ValueError, match=exact(f"iters must be a positive int, got {iters!r}")):
+        dk.ops.power_iteration(torch.randn(3, 4), iters=iters)
+
+
+def test_fused_update_messages():
+    p = [torch.zeros(3, 3)]
+    with pytest.raises(ValueError, match=exact("lmo must be one of ('Sign', 'RowNorm', 'ColNorm', 'BiasRMS'), "
+                                               "got 'Spectral'")):
+        dk.ops.fused_update(p, p, lmo="Spectral", lr=0.1)
+    with pytest.raises(ValueError, match=exact("params, grads and bufs must have equal lengths, got 1, 0, None")):
+        dk.ops.fused_update(p, [], lmo="Sign", lr=0.1)
+    with pytest.raises(ValueError, match=exact("params, grads and bufs must have equal lengths, got 1, 1, 2")):
+        dk.ops.fused_update(p, p, [torch.zeros(3, 3)] * 2, lmo="Sign", lr=0.1)
+    with pytest.raises(ValueError, match=exact("params, grads and bufs must have equal lengths, got 1, 1, 0")):
+        dk.ops.fused_update(p, p, [], lmo="Sign", lr=0.1)
+    with pytest.raises(ValueError, match=r"^backend must be one of"):
+        dk.ops.fused_update(p, p, lmo="Sign", lr=0.1, backend="tpu")
+
+
+# -- optimizer hyper-parameters ------------------------------------------------------------------------
+
+def _p(*shape):
+    return torch.nn.Parameter(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("kwargs,err,msg", [
+    ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0, got -1.0"),
+    ({"lr": "0.1"}, ValueError, "lr must be a finite number >= 0, got '0.1'"),
+    ({"lr": torch.tensor(-0.5)}, ValueError, "lr must be a finite number >= 0, got -0.5"),
+    ({"momentum": 1.5}, ValueError, "momentum must be in [0, 1] (it is one minus the usual factor), got 1.5"),
+    ({"momentum": "0.1"}, ValueError, "momentum must be in [0, 1] (it is one minus the usual factor), got '0.1'"),
+    ({"scale": float("nan")}, ValueError, "scale must be a finite number, got nan"),
+    ({"scale": None}, ValueError, "scale must be a finite number, got None"),
+    ({"unconstrained": 1}, TypeError, "unconstrained must be a bool, got 1"),
+    ({"unconstrained": "yes"}, TypeError, "unconstrained must be a bool, got 'yes'"),
+    ({"nonfinite": "maybe"}, ValueError, "nonfinite must be one of ('raise', 'skip', 'ignore'), got 'maybe'"),
+])
+@pytest.mark.parametrize("cls", [dk.Scion, dk.ScionLight])
+def test_hyper_parameter_messages(cls, kwargs, err, msg):
+    with pytest.raises(err, match=exact(msg)):
+        cls([_p(3, 3)], **kwargs)
+    if "nonfinite" not in kwargs:  # the same check guards groups added later
+        opt = cls([_p(3, 3)])
+        with pytest.raises(err, match=exact(msg)):
+            opt.add_param_group({"params": [_p(2, 2)], **kwargs})
+        assert len(opt.param_groups) == 1
+
+
+def test_a_tensor_lr_is_checked_by_value():
+    opt = dk.Scion([_p(3, 3)], lr=torch.tensor(0.5))
+    assert float(opt.param_groups[0]["lr"]) == 0.5
+
+
+def test_momentum_zero_warning_says_why():
+    with pytest.warns(UserWarning, match=exact(
+            "momentum=0 keeps the momentum buffer at zero, so no gradient reaches the weights (momentum is one "
+            "minus the usual factor: 0.1 means 0.9 in torch.optim.SGD terms)")):
+        dk.Scion([_p(3, 3)], momentum=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dk.Scion([_p(3, 3)], momentum=0.1)  # no warning otherwise
+
+
+# -- where a bad param sits ---------------------------------------------------------------------------------
+
+def test_rank_errors_name_the_param_from_param_names():
+    bias = _p(5)
+    with pytest.raises(ValueError, match=r"but 'bias' has shape \(5,\) \(norm='Auto'"):
+        dk.Scion([{"params": [bias], "param_names": ["bias"], "norm": "Spectral"}])
+    with pytest.raises(ValueError, match=r"but param_groups\[1\]\['params'\]\[1\] has shape \(5,\)"):
+        dk.Scion([{"params": [_p(2, 2)]}, {"params": [_p(3, 3), bias], "norm": "Spectral"}])
+
+
+def test_a_group_params_may_be_one_tensor():
+    w = _p(3, 3)
+    opt = dk.Scion([{"params": w, "norm": "Sign"}], lr=0.1)
+    assert opt.param_groups[0]["params"] == [w]
+    w.grad = torch.ones(3, 3)
+    before = w.detach().clone()
+    opt.step()
+    assert torch.allclose(w.detach(), before * 0.9 - 0.1 / 3)
+
+
+def test_norm_kwargs_none_becomes_an_empty_dict():
+    opt = dk.Scion([{"params": [_p(3, 3)], "norm_kwargs": None}, {"params": [_p(2, 2)]}], norm_kwargs=None)
+    assert opt.defaults["norm_kwargs"] == {}
+    assert [g["norm_kwargs"] for g in opt.param_groups] == [{}, {}]
+    opt = dk.Scion([_p(3, 3)], norm="RowNorm", norm_kwargs={"normalized": False})
+    assert opt.param_groups[0]["norm_kwargs"] == {"normalized": False}
+
+
+def _reshaped_after_construction(names):
+    """A param whose data became 1-D after the optimizer was built: the step's own check must name it."""
+    w, v = _p(3, 3), _p(4, 4)
+    groups = [{"params": [_p(2, 2)]}, {"params": [w, v], "norm": "Spectral"}]
+    if names:  # torch wants names in every group or in none
+        groups[0]["param_names"], groups[1]["param_names"] = ["u"], ["w", "v"]
+    opt = dk.Scion(groups)
+    v.data = torch.randn(5)
+    v.grad = torch.randn(5)
+    w.grad = torch.randn(3, 3)
+    return opt
+
+
+def test_rank_checked_again_at_step():
+    with pytest.raises(ValueError, match=r"^Spectral needs a 2-D tensor, but param_groups\[1\]\['params'\]\[1\] has "
+                                         r"shape \(5,\)"):
+        _reshaped_after_construction(names=False).step()
+    with pytest.raises(ValueError, match=r"^Spectral needs a 2-D tensor, but 'v' has shape \(5,\)"):
+        _reshaped_after_construction(names=True).step()
+
+
+def _sparse_grad_opt(names):
+    w, v = _p(3, 3), _p(4, 4)
+    groups = [{"params": [_p(2, 2)]}, {"params": [w, v], "norm": "Sign"}]
+    if names:  # torch wants names in every group or in none
+        groups[0]["param_names"], groups[1]["param_names"] = ["u"], ["w", "v"]
+    opt = dk.Scion(groups)
+    w.grad = torch.ones(3, 3)
+    v.grad = torch.ones(4, 4).to_sparse()
+    return opt
+
+
+def test_sparse_gradients_name_the_param():
+    with pytest.raises(ValueError, match=exact("Scion does not support sparse gradients: "
+                                               "param_groups[1]['params'][1] (shape (4, 4))")):
+        _sparse_grad_opt(names=False).step()
+    with pytest.raises(ValueError, match=exact("Scion does not support sparse gradients: 'v' (shape (4, 4))")):
+        _sparse_grad_opt(names=True).step()
+
+
+# -- non-finite gradients ---------------------------------------------------------------------------------------
+
+def _nan_opt(nonfinite, names=False):
+    w, v = _p(3, 3), _p(4, 4)
+    groups = [{"params": [_p(2, 2)]}, {"params": [w, v], "norm": "RowNorm"}]
+    if names:  # torch wants names in every group or in none
+        groups[0]["param_names"], groups[1]["param_names"] = ["u"], ["w", "v"]
+    opt = dk.Scion(groups, nonfinite=nonfinite, lr=0.1)
+    w.grad = torch.ones(3, 3)
+    v.grad = torch.ones(4, 4)
+    v.grad[1, 2] = float("nan")
+    return opt, w, v
+
+
+def test_nonfinite_raise_names_the_param():
+    opt, _, _ = _nan_opt("raise")
+    with pytest.raises(FloatingPointError, match=exact(
+            "non-finite gradient in param_groups[1]['params'][1] (shape (4, 4)); no parameter or state was modified "
+            "(nonfinite='skip' skips such steps)")):
+        opt.step()
+    opt, _, _ = _nan_opt("raise", names=True)
+    with pytest.raises(FloatingPointError, match=r"^non-finite gradient in 'v' \(shape \(4, 4\)\); "):
+        opt.step()
+
+
+def test_nonfinite_skip_warning():
+    opt, w, _ = _nan_opt("skip")
+    before = w.detach().clone()
+    with pytest.warns(RuntimeWarning, match=exact(
+            "Scion: non-finite gradient, step skipped (parameters and state unchanged)")):
+        opt.step()
+    assert torch.equal(w.detach(), before)
+
+
+def test_nonfinite_ignore_steps_without_a_check():
+    opt, w, v = _nan_opt("ignore")
+    before = w.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.allclose(w.detach(), before * 0.9 - 0.1 / 3)  # the finite param stepped
+    assert v.isnan().any()  # and the non-finite one took its NaN, as asked
+    opt, w, _ = _nan_opt("ignore")
+    opt.param_groups[1]["params"][1].grad = None
+    before = w.detach().clone()
+    opt.step()
+    assert torch.allclose(w.detach(), before * 0.9 - 0.1 / 3)
+
+
+# -- load_state_dict ---------------------------------------------------------------------------------------------
+
+def _stepped(momentum=0.5):
+    w, b = _p(3, 4), _p(4)
+    opt = dk.Scion([{"params": [_p(2, 2)], "norm": "Sign"}, {"params": [w, b], "norm": "Auto"}], momentum=momentum)
+    for p in (opt.param_groups[0]["params"][0], w, b):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+def test_load_state_dict_messages():
+    opt = _stepped()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match=exact("state_dict has no param groups, this optimizer has 2")):
+        opt.load_state_dict({"state": {}})
+    with pytest.raises(ValueError, match=exact("state_dict has no param groups, this optimizer has 2")):
+        opt.load_state_dict({"state": {}, "param_groups": None})
+    with pytest.raises(ValueError, match=exact("state_dict has 1 param groups, this optimizer has 2")):
+        opt.load_state_dict({**sd, "param_groups": sd["param_groups"][:1]})
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][1]["params"] = bad["param_groups"][1]["params"] + [99]
+    with pytest.raises(ValueError, match=exact("param_groups[1] has 2 params, the state_dict's has 3")):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][7] = {"momentum_buffer": torch.zeros(3, 4)}
+    with pytest.raises(ValueError, match=exact("state_dict has state for param id 7, which no param group lists")):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][2]["momentum_buffer"] = torch.zeros(5)
+    with pytest.raises(ValueError, match=exact("state_dict state 'momentum_buffer' has shape (5,), but "
+                                               "param_groups[1]['params'][1] (shape (4,)) needs (4,)")):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["momentum"] = 2.0
+    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\]"):
+        opt.load_state_dict(bad)
+
+
+def test_load_state_dict_accepts_scalars_and_missing_state():
+    opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["step"] = torch.tensor(3.0)  # a 0-d tensor (as torch's optimizers keep "step") has no shape to match
+    opt.load_state_dict(sd)
+    assert float(opt.state[opt.param_groups[1]["params"][0]]["step"]) == 3.0
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"]
+    with pytest.raises(KeyError, match="state"):  # as torch.optim.Optimizer.load_state_dict: not our check's error
+        opt.load_state_dict(sd)
