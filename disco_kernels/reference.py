@@ -39,7 +39,7 @@ def ns_schedule(coefficients="jordan", steps: int = 5) -> tuple[list[Triple], fl
 
     ``coefficients`` is ``"jordan"``, ``"polar_express"`` or a sequence of at most ``steps``
     (a, b, c) triples; a schedule shorter than ``steps`` repeats its last triple (a named one
-    longer than ``steps`` is cut: its triples are tuned per step).
+    longer than ``steps`` is cut: its triples are tuned per step; with ``steps=0`` none is used).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
@@ -49,7 +49,7 @@ def ns_schedule(coefficients="jordan", steps: int = 5) -> tuple[list[Triple], fl
         triples, mult, eps = _SCHEDULES[coefficients]
     else:
         triples, mult, eps = _coefficient_triples(coefficients), 1.0, 1e-7
-        if len(triples) > steps:
+        if steps and len(triples) > steps:
             raise ValueError(f"coefficients lists {len(triples)} (a, b, c) triples for steps={steps}: give one triple "
                              "per step, or fewer (the last repeats); extra triples would be silently dropped")
     per_step = [tuple(triples[min(i, len(triples) - 1)]) for i in range(steps)]

@@ -181,6 +181,17 @@ def scion_run(params, grads_per_step, groups, light=False):
 
 # -- init ---------------------------------------------------------------------------------------
 
+def init_line_norm(norm, shape, **kwargs):
+    """The l2 norm that init gives each line (before the group scale): ColNorm's columns (rows of the
+    stored weight when transposed), RowNorm's rows; None for the other norms."""
+    if norm not in ("ColNorm", "RowNorm"):
+        return None
+    d_out, d_in = shape[::-1] if kwargs.get("transpose") else shape
+    if norm == "ColNorm":
+        return math.sqrt(d_out) / (d_in if kwargs.get("normalized", False) else 1)
+    return 1 / math.sqrt(d_in) if kwargs.get("normalized", True) else 1.0
+
+
 def init(norm, shape, dtype=torch.float32, compute=torch.float64, **kwargs):
     """The reference's init of a ``dtype`` weight of ``shape`` (before the group scale), drawing the same
     random numbers in the same order from torch's generator, with the arithmetic in ``compute``:
