@@ -41,15 +41,15 @@ def _randn(shape, seed):
 
 
 def _run(cls, params, grads_per_step, **group):
-    """Steps ``cls`` over ``grads_per_step``. ScionLight with momentum 1 keeps p.grad as it is after a step (as
-    the reference does), so there each step's gradient replaces it, as after zero_grad(); the oracle's
-    ScionLight scales the carried gradient by 1 - momentum = 0 instead, which is the same."""
+    """Steps ``cls`` over ``grads_per_step``, each gradient accumulated into p.grad as a backward does
+    (ScionLight carries its momentum there; with momentum 1 it keeps p.grad as it is, as the reference, so
+    the gradients add up, as in the oracle)."""
     opt = cls([{"params": params, **group}], backend="torch")
     for grads in grads_per_step:
         for p, g in zip(params, grads):
             if g is None:
                 p.grad = None
-            elif cls is dk.ScionLight and p.grad is not None and group.get("momentum", 1.0) != 1:
+            elif cls is dk.ScionLight and p.grad is not None:
                 p.grad.add_(g)  # the next backward accumulates into the carried momentum
             else:
                 p.grad = g.clone()
