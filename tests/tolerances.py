@@ -56,6 +56,27 @@ def assert_close(fast: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, d
                           f"{rel_err(plain, exact):.3g}, {dtype})")
 
 
+
+def assert_oracle(fast, fn, *args, dtype: torch.dtype | None = None, what: str = "result", **kwargs) -> None:
+    """The rule for ``fast`` (computed in ``dtype``, default its own) against the oracle function ``fn``: run on
+    ``args`` with their floating-point tensors (also inside lists and tuples) cast to fp64 for the exact answer
+    and to ``plain_dtype(dtype)`` for the plain one. A list or tuple result is checked item by item."""
+    def cast(a, d):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.to(d)
+        if isinstance(a, (list, tuple)):
+            return type(a)(cast(x, d) for x in a)
+        return a
+    dtype = dtype or (fast[0] if isinstance(fast, (list, tuple)) else fast).dtype
+    exact = fn(*cast(args, torch.float64), **kwargs)
+    plain = fn(*cast(args, plain_dtype(dtype)), **kwargs)
+    if isinstance(exact, (list, tuple)):
+        assert len(fast) == len(exact), f"{what}: {len(fast)} results, the oracle gives {len(exact)}"
+        for i, (f, e, p) in enumerate(zip(fast, exact, plain)):
+            assert_close(f, e, p, dtype, f"{what}[{i}]")
+    else:
+        assert_close(fast, exact, plain, dtype, what)
+
 # -- being retired: blanket multiples of u, replaced by the rule above file by file --
 
 def elementwise_tol(dtype: torch.dtype, depth: int = 1) -> float:
