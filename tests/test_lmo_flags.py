@@ -16,7 +16,7 @@ import torch
 import oracle
 import tolerances
 from disco_kernels import lmo as L
-from tolerances import assert_close, assert_oracle, rel_err
+from tolerances import assert_close, assert_oracle
 
 
 
