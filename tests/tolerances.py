@@ -56,7 +56,6 @@ def assert_close(fast: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, d
                           f"{rel_err(plain, exact):.3g}, {dtype})")
 
 
-
 def assert_oracle(fast, fn, *args, dtype: torch.dtype | None = None, what: str = "result", **kwargs) -> None:
     """The rule for ``fast`` (computed in ``dtype``, default its own) against the oracle function ``fn``: run on
     ``args`` with their floating-point tensors (also inside lists and tuples) cast to fp64 for the exact answer
@@ -76,13 +75,3 @@ def assert_oracle(fast, fn, *args, dtype: torch.dtype | None = None, what: str =
             assert_close(f, e, p, dtype, f"{what}[{i}]")
     else:
         assert_close(fast, exact, plain, dtype, what)
-
-# -- being retired: blanket multiples of u, replaced by the rule above file by file --
-
-def elementwise_tol(dtype: torch.dtype, depth: int = 1) -> float:
-    return 4 * depth * unit(dtype) + 8 * unit(torch.float32)
-
-
-def reduction_tol(dtype: torch.dtype, n: int) -> float:
-    import math
-    return elementwise_tol(dtype, 2 + math.ceil(math.log2(max(n, 2))))
