@@ -21,13 +21,13 @@ that both terms of the step show in the check.
 Runs interpreted on CPU (CMAX = 32: rows wider than 32 take the two-sweep row path; 4 x 16 tiles, two
 per program), at real sizes on a GPU.
 """
-from fractions import Fraction
 
 import pytest
 import torch
 
 import disco_kernels as dk
 import oracle
+from test_cuda_build import norm_kwargs, oracle_lmo, per_matrix, untie  # (shared with the CUDA tests)
 from tolerances import assert_close, plain_dtype
 
 triton = pytest.importorskip("triton")
@@ -49,40 +49,11 @@ def new(shapes, dtype, n=3):
     return [[torch.randn(s, device=DEVICE).to(dtype) for s in shapes] for _ in range(n)]
 
 
-def per_matrix(fn, lmo, *ts):
-    """fn over each matrix of the last two dims of ``ts`` (0-D / 1-D: one (1, n) row), reassembled; BiasRMS
-    takes the whole tensor."""
-    if lmo == "BiasRMS":
-        return fn(*ts)
-    shape = ts[0].shape
-    mats = [t.reshape(shape[:-2].numel(), *(shape[-2:] if len(shape) >= 2 else (1, t.numel()))) for t in ts]
-    return torch.stack([fn(*m) for m in zip(*mats)]).reshape(shape)
-
-
-def norm_kwargs(lmo, normalized, transpose):
-    return {"Sign": {"normalized": normalized}, "BiasRMS": {}}.get(
-        lmo, {"normalized": normalized, "transpose": transpose})
-
-
-def oracle_lmo(g, lmo, normalized, transpose):
-    return per_matrix(lambda x: oracle.lmo(lmo, x, **norm_kwargs(lmo, normalized, transpose)), lmo, g)
-
-
 def oracle_step(p, d, *, lmo, normalized, transpose, lr, scale, unconstrained):
     """oracle.scion_step of one tensor along direction d, in p's dtype."""
     kw = norm_kwargs(lmo, normalized, transpose)
     return per_matrix(lambda a, b: oracle.scion_step(a, b, lr=lr, scale=scale, unconstrained=unconstrained,
                                                      norm=lmo, norm_kwargs=kw), lmo, p, d)
-
-
-def untie(grads, bufs, momentum):
-    """Flip the sign of each buf entry b with (1 - momentum) b + momentum g = 0 in decimal arithmetic
-    (momentum = k / q: (q - k) b + k g = 0, exact in fp64 for these inputs) and g != 0."""
-    mom = Fraction(momentum).limit_denominator(1000)
-    k, q = mom.numerator, mom.denominator
-    for g, b in zip(grads, bufs):
-        tie = ((q - k) * b.double() + k * g.double() == 0) & (g != 0)
-        b.copy_(torch.where(tie, -b, b))
 
 
 def check_step(params, grads, bufs=None, *, lmo, lr=0.1, momentum=0.9, scale=2.0, unconstrained=False,
