@@ -142,7 +142,7 @@ def test_power_iteration_defaults():
         return [torch.stack([s for s, _ in out]), torch.stack([x for _, x in out])]
     assert_oracle([sigma, v], want, W, oracle.start_vector(8, torch.float32))  # the documented start, made in fp32
     more, _ = dk.ops.power_iteration(W, iters=2)
-    assert not torch.equal(more, sigma)  # a second iteration moves the estimate
+    assert rel_err(more, sigma) > 1e-6  # a second iteration moves the estimate by far more than fp32 roundoff
 
 
 def test_power_iteration_moves_v_to_ws_device():
