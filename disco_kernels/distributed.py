@@ -155,9 +155,9 @@ def plan_rounds(owners: list[int], nbytes: list[int], world: int, bucket_bytes: 
     round k holds chunk k of every owner, owner by owner."""
     cap = max(1, bucket_bytes // world)
     chunks: list[list[list[int]]] = [[] for _ in range(world)]
-    filled = [cap] * world
+    filled = [0] * world
     for i, r in enumerate(owners):
-        if filled[r] + nbytes[i] > cap and (not chunks[r] or chunks[r][-1]):
+        if not chunks[r] or (filled[r] + nbytes[i] > cap and chunks[r][-1]):  # (an empty item opens one too)
             chunks[r].append([])
             filled[r] = 0
         chunks[r][-1].append(i)

@@ -16,7 +16,6 @@ non-finite-gradient policy, and state_dict round trips that resume bit-identical
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from .ops import fused_update
 from .ops.fused_update import apply_update_, momentum_
 
 NONFINITE = ("raise", "skip", "ignore")
+GROUP_KEYS = ("params", "lr", "momentum", "norm", "norm_kwargs", "scale", "unconstrained")  # a Scion group's own keys
 STATE_TENSORS = {"momentum_buffer", "grad_state"}  # per-param state: Scion's buffer, ScionLight's carried grad
 
 
@@ -287,7 +287,7 @@ class Scion(torch.optim.Optimizer):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}")
         params = {}
         for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
-            missing = [k for k in ("params", *self.defaults) if not isinstance(saved, dict) or k not in saved]
+            missing = [k for k in GROUP_KEYS if not isinstance(saved, dict) or k not in saved]
             if missing:
                 raise ValueError(f"state_dict param_groups[{gi}] lacks {missing} (not a Scion state dict: a "
                                  "torch.optim one has no norm or scale)")

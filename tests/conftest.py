@@ -4,9 +4,11 @@ TRITON_INTERPRET must be set before Triton is imported, so it is set here,
 before any test module imports disco_kernels' Triton kernels.
 """
 import os
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,3 +35,18 @@ def _fresh_dynamo():
     without a reset the recompiles of earlier tests count towards dynamo's recompile limit in later ones."""
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo world in this process (so that DTensors and process groups exist), or the one
+    another test left initialised."""
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()

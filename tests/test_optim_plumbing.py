@@ -7,11 +7,9 @@ The ops and checks are replaced by spies that record their arguments and then ru
 from __future__ import annotations
 
 import importlib
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import disco_kernels as dk
 import oracle
@@ -161,17 +159,6 @@ def test_scion_light_state_dict_after_the_state_was_looked_at():
 
 # -- the process group --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_rank_group():
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
-        try:
-            yield dist.group.WORLD
-        finally:
-            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("cls", [dk.Scion, dk.ScionLight])

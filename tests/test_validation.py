@@ -362,9 +362,6 @@ def test_load_state_dict_accepts_scalars_and_missing_state():
     assert opt.param_groups[1]["params"][1] not in opt.state
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="product bug: torch's Optimizer.__setstate__ (run by "
-                   "load_state_dict) adds 'differentiable' to self.defaults, and Scion.load_state_dict then asks "
-                   "every saved group for it, though Scion's own state_dict groups never have it")
 def test_load_state_dict_twice_into_one_optimizer():
     opt = _stepped()
     sd = copy.deepcopy(opt.state_dict())
