@@ -1,7 +1,6 @@
 """Bad input, class by class: a clear error naming the argument and what was wrong, raised before
 anything is modified (parameters, gradients and optimizer state stay bit-identical)."""
 import copy
-import math
 
 import pytest
 import torch

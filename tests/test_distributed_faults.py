@@ -79,8 +79,9 @@ def _attempt(kind, fault):
             else:
                 w.grad.data = torch.randn(3, 3)
         elif fault == "closure":
-            def closure():
+            def broken_loader():
                 raise KeyError("the data loader broke")
+            closure = broken_loader
         elif fault == "param list":
             extra = nn.Parameter(torch.randn(4, 4))
             extra.grad = torch.randn(4, 4)

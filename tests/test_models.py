@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 import disco_kernels as dk
-from disco_kernels import norms
 from disco_kernels.models import PRESETS, ModelConfig, NormEverywhereLM, rms_norm
 import oracle
-from tolerances import assert_close, bound, unit
+from tolerances import assert_close, bound
 
 
 def test_presets():

@@ -1,8 +1,6 @@
-"""Ops through their public functions and custom ops: torch backend vs the independent oracle under the
-tolerance rule,
-dispatch errors, and torch.compile(fullgraph=True) over the custom ops."""
-import importlib
-
+"""Ops through their public functions and custom ops: the torch backend against the independent oracle
+under the tolerance rule, dispatch errors, and forced backends under torch.compile(fullgraph=True)
+(inductor and opcheck: test_compile.py)."""
 import pytest
 import torch
 

@@ -329,7 +329,6 @@ def test_lmo_bias_rms(shape):
 def test_scion_update(momentum, unconstrained):
     p, g, buf = randn(5, 7, seed=1), randn(5, 7, seed=2), randn(5, 7, seed=3)
     new_p, new_buf = ref.scion_update(p, g, buf, oracle.rownorm, 0.1, momentum, 3.0, unconstrained)
-    d = buf * (1 - momentum) + g * momentum if momentum != 1 else g
     assert_oracle(new_p, lambda p, buf, g: oracle.scion_step(
         p, buf * (1 - momentum) + g * momentum if momentum != 1 else g, lr=0.1, scale=3.0,
         unconstrained=unconstrained, norm="RowNorm"), p, buf, g)
@@ -426,7 +425,6 @@ def test_max_line_norm_chunks_fp64_copies(monkeypatch, dim, shape):
     """With a small FP64_CHUNK, no fp64 copy holds more than max(FP64_CHUNK, one line) elements,
     and the result is the same as in one piece."""
     W = randn(*shape).float()
-    want = W.double().pow(2).sum(dim).sqrt().amax(-1)
     line = shape[-1] if dim == -1 else shape[-2]
     batch = math.prod(shape[:-2])
     for chunk in (1, 2 * line * batch, 5 * line * batch):
