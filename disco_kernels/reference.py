@@ -136,7 +136,8 @@ def norm2(x: torch.Tensor, dim) -> torch.Tensor:
         return direct
     big = x.abs().amax(dim=dim, keepdim=True)
     scaled = torch.linalg.vector_norm(x / torch.where(big > 0, big, 1), dim=dim, keepdim=True) * big
-    return torch.where(direct.isinf() | ((direct == 0) & (big > 0)), scaled, direct)
+    overflowed = direct.isinf() & big.isfinite()  # (an inf entry's norm is inf: its own)
+    return torch.where(overflowed | ((direct == 0) & (big > 0)), scaled, direct)
 
 
 def lmo_colnorm(g, normalized=False, transpose=False):

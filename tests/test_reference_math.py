@@ -443,3 +443,37 @@ def test_max_line_norm_chunks_fp64_copies(monkeypatch, dim, shape):
         assert max(sizes) <= max(chunk, line * batch), (chunk, sizes)
         lines = shape[-2] if dim == -1 else shape[-1]
         assert sum(sizes) == W.numel() and len(sizes) == -(-lines // max(1, chunk // (line * batch)))
+
+
+# -- norm2: line and Frobenius norms without overflow or underflow ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [-1, -2, 0, (-2, -1)])
+def test_norm2_vs_oracle(dtype, dim):
+    """fp64 result of the input's dim kept, within the rule of sqrt(sum x²) in fp64 (plain: in fp32)."""
+    x = randn(3, 6, 9).to(dtype)
+    got = ref.norm2(x, dim)
+    assert got.dtype == torch.float64 and got.shape == x.double().sum(dim, keepdim=True).shape
+    assert_oracle(got, lambda x: x.pow(2).sum(dim, keepdim=True).sqrt(), x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 600, 2.0 ** -600, 2.0 ** 1000, 2.0 ** -1000])
+def test_norm2_fp64_beyond_the_squares_range(scale):
+    """fp64 lines whose squares overflow (2^600: 2^1200 > fp64's max) or underflow (2^-600) are scaled by
+    their largest entry first: the norm of (power-of-two) scaled lines is the scaled norm."""
+    x = randn(4, 7)
+    got = ref.norm2(x * scale, -1) / scale
+    assert got.isfinite().all() and (got > 0).all()
+    assert_oracle(got, lambda x: x.pow(2).sum(-1, keepdim=True).sqrt(), x, dtype=torch.float64)
+
+
+def test_norm2_special_lines():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1e-300, 0.0, 0.0], [float("inf"), 1.0, 0.0], [float("nan"), 1.0, 0.0],
+                      [3.0, 4.0, 0.0]], dtype=torch.float64)
+    got = ref.norm2(x, -1).squeeze(-1)
+    assert got[0] == 0 and got[1] == 1e-300 and got[2] == float("inf") and got[3].isnan() and got[4] == 5.0
+    for dtype in (torch.float32, torch.float16):
+        assert ref.norm2(torch.zeros(2, 3, dtype=dtype), -1).abs().max() == 0
+    assert ref.norm2(torch.ones(3, 4, dtype=torch.float16) * 60000, -1).squeeze(-1).tolist() == [120000.0] * 3
+    assert ref.norm2(torch.empty(0, 5, dtype=torch.float64), -1).shape == (0, 1)
+    assert ref.norm2(torch.empty(4, 0, dtype=torch.float64), -1).abs().max() == 0
