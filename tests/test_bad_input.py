@@ -64,7 +64,8 @@ def test_newton_schulz_takes_dtype_names():
 
 
 @pytest.mark.parametrize("v,exc,match", [
-    ([0.5] * 6, TypeError, "v must be a torch.Tensor"), (torch.zeros(6), ValueError, "non-zero"),
+    ([0.5] * 6, TypeError, "v must be a torch.Tensor"), (torch.zeros(6), ValueError,
+                                                                 r"^v must be a finite non-zero start vector per matrix"),
     (torch.full((6,), float("nan")), ValueError, "finite"), (torch.ones(6, dtype=torch.int64), TypeError, "v must"),
     (torch.ones(5), ValueError, r"v must have shape \(6,\)"),
 ])
@@ -81,7 +82,12 @@ def _fused_inputs():
     (lambda a: a.update(params=a["params"][0]), TypeError, "params must be a list"),
     (lambda a: a.update(grads=(a["grads"][0], 1.0)), TypeError, r"grads\[1\] must be a torch.Tensor"),
     (lambda a: a.update(grads=[torch.randn(1, 6)]), ValueError, r"grads\[0\] \(shape \(1, 6\).* params\[0\]"),
-    (lambda a: a.update(bufs=[torch.randn(4, 6).T]), ValueError, r"bufs\[0\]"),
+    (lambda a: a.update(bufs=[torch.randn(4, 6).T]), ValueError,
+     r"^bufs\[0\] \(shape \(6, 4\), cpu\) must have the shape and device of params\[0\] \(shape \(4, 6\), cpu\)$"),
+    (lambda a: a.update(bufs=a["bufs"][0]), TypeError, "^bufs must be a list of tensors, got Tensor$"),
+    (lambda a: a.update(bufs=[1.0]), TypeError, r"^bufs\[0\] must be a torch.Tensor, got float$"),
+    (lambda a: a.update(transpose=True, params=[torch.randn(6)], grads=[torch.randn(6)], bufs=[torch.randn(6)]),
+     ValueError, r"^RowNorm needs tensors of at least 2 dims, got params\[0\] of shape \(6,\)$"),
     (lambda a: a.update(lmo="ColNorm", params=[torch.randn(6)], grads=[torch.randn(6)], bufs=[torch.randn(6)]),
      ValueError, "at least 2 dims"),
     (lambda a: a.update(lr=float("nan")), ValueError, "lr must be a finite number >= 0"),
@@ -131,7 +137,8 @@ def test_gradient_unlike_its_param_fails_before_any_write(shape, bad_grad, norm,
     bad.grad.data = bad_grad
     before = _state([good, bad], opt)
     grads = good.grad.clone()
-    with pytest.raises(ValueError, match=r"gradient of param_groups\[1\]\['params'\]\[0\].*shape and device"):
+    with pytest.raises(ValueError, match=r"gradient of param_groups\[1\]\['params'\]\[0\].* must have the shape and "
+                                         r"device of the param \(shape "):
         opt.step()
     _assert_same([good, bad], opt, before)
     assert torch.equal(good.grad, grads)
@@ -226,3 +233,30 @@ def test_cuda_kernels_math_takes_huge_gradients(lmo, normalized, transpose):
     G = torch.randn(5, 8, dtype=torch.float64)
     out = ext.host_newton_schulz((G * 1e30).float().numpy(), list(oracle.JORDAN) * 5, 1.0, 1e-7)
     assert_close(torch.from_numpy(out), oracle.newton_schulz(G), oracle.newton_schulz(G.float()))
+
+
+def test_power_iteration_start_vectors_are_checked_per_matrix():
+    """Each matrix's start vector is checked (a zero one among good ones is refused); an empty one (n = 0) is
+    fine: sigma is 0 and v stays."""
+    W, v = torch.randn(3, 4, 6), torch.randn(3, 6)
+    v[1] = 0
+    with pytest.raises(ValueError, match="non-zero start vector"):
+        dk.ops.power_iteration(W, v)
+    sigma, v_out = dk.ops.power_iteration(torch.zeros(3, 5, 0), torch.empty(3, 0), backend="torch")
+    assert sigma.shape == (3,) and (sigma == 0).all() and v_out.shape == (3, 0)
+
+
+def test_fsdp_gradient_shard_unlike_its_param_shard(one_rank_group):
+    """A DTensor gradient whose global shape is right but whose local shard is not is refused, naming both."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (1,))
+    p = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
+    opt = dk.Scion([p], norm="Sign")
+    p.grad = DTensor.from_local(torch.randn(3, 3), mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+    before = p.to_local().clone()
+    with pytest.raises(ValueError, match=r"^this rank's shard of the gradient of param_groups\[0\]\['params'\]\[0\] "
+                                         r"\(shape \(4, 6\)\) \(shape \(3, 3\), cpu\) must have the shape and device of "
+                                         r"the param's shard \(shape \(4, 6\), cpu\)"):
+        opt.step()
+    assert torch.equal(p.to_local(), before)
