@@ -209,7 +209,7 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
                      "log2_output_norm": norm, "seconds": step_seconds})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tokens=rows[-1]["tokens"], log2_out=shown)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tokens=f"{rows[-1]['tokens']:,}", log2_out=shown)
         elif rank == 0 and progress and (step % every_print == 0 or step == steps):
             log(f"step {step}/{steps}  loss {loss:.3f}  lr {lr:.3g}  tokens {rows[-1]['tokens']}  "
                 f"log2|W_out| {shown}")
