@@ -25,8 +25,17 @@ def self_check() -> list[tuple[str, bool, str]]:
     G = torch.randn(3, 33, 65, generator=gen, dtype=torch.float64).float().to(device)
     ref = reference.newton_schulz(G.double().cpu(), 5)
     sigma = reference.power_iteration(G.double().cpu(), iters=8)[0]  # the same 8 iterations in fp64
+    P, D = G[0], G[1]  # a RowNorm step of P along D: P (1 - 0.1) - 0.1 lmo(D)
+    step = P.double().cpu() * 0.9 - 0.1 * reference.lmo_rownorm(D.double().cpu())
+
+    def fused(backend):
+        p = P.clone()
+        dk.ops.fused_update([p], [D.clone()], lmo="RowNorm", lr=0.1, backend=backend)
+        return p
+
     checks = (("newton_schulz", ref, lambda b: dk.ops.newton_schulz(G, 5, backend=b)),
-              ("power_iteration", sigma, lambda b: dk.ops.power_iteration(G, iters=8, backend=b)[0]))
+              ("power_iteration", sigma, lambda b: dk.ops.power_iteration(G, iters=8, backend=b)[0]),
+              ("fused_update", step, fused))
     for backend in _backend.available_backends(device):
         for name, want, fn in checks:
             try:

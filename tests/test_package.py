@@ -45,7 +45,9 @@ def test_import_does_not_import_triton():
 def test_cli_self_check():
     out = subprocess.run([sys.executable, "-m", "disco_kernels"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "self-check newton_schulz[torch]" in out.stdout and "FAIL" not in out.stdout
+    for op in ("newton_schulz", "power_iteration", "fused_update"):  # every op is checked
+        assert f"self-check {op}[torch]" in out.stdout, out.stdout
+    assert "FAIL" not in out.stdout
     if not torch.cuda.is_available():  # each backend it cannot use is named, with the reason
         assert "cuda unavailable: " in out.stdout
 
