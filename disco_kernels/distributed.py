@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ._backend import on_device
 from ._finite import finite_mask
 from .lmo import BiasRMS, ColNorm, RowNorm, Sign
-from .reference import norm2
+from .reference import divide, norm2
 
 BUCKET_BYTES = 64 << 20
 _SAME_ERRORS = (ValueError, TypeError, FloatingPointError, NotImplementedError)
@@ -367,7 +367,7 @@ def _finish_reduce(subparts, dirs, sums, pending, updates) -> None:
     for k, sub in enumerate(subparts):
         for j, (p, g) in enumerate(zip(sub.params, dirs[k])):
             _, mult = reduction(sub.norm, p.shape)
-            updates[k][j] = (g / (sums[k][j].sqrt() * mult + 1e-8)).to(g.dtype)  # in fp64, as reference's LMOs
+            updates[k][j] = divide(g, sums[k][j].sqrt() * mult + 1e-8)  # as the reference's LMOs
 
 
 # -- agreement --------------------------------------------------------------------

@@ -140,6 +140,13 @@ def norm2(x: torch.Tensor, dim) -> torch.Tensor:
     return torch.where(overflowed | ((direct == 0) & (big > 0)), scaled, direct)
 
 
+def divide(g: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """g / denom in g's dtype, the division in at least fp32 (denom, from ``norm2``, is fp64: dividing by
+    it directly would make an fp64 copy of g)."""
+    work = torch.promote_types(g.dtype, torch.float32)
+    return (g.to(work) / denom.to(work)).to(g.dtype)
+
+
 def lmo_colnorm(g, normalized=False, transpose=False):
     """ColNorm: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8."""
     if transpose:
@@ -147,7 +154,7 @@ def lmo_colnorm(g, normalized=False, transpose=False):
     rms = norm2(g, -2) / math.sqrt(g.size(-2))
     if normalized:
         rms = rms * g.size(-1)
-    out = (g / (rms + 1e-8)).to(g.dtype)
+    out = divide(g, rms + 1e-8)
     return out.mT if transpose else out
 
 
@@ -158,7 +165,7 @@ def lmo_rownorm(g, normalized=True, transpose=False):
     rms = norm2(g, -1)
     if normalized:
         rms = rms * math.sqrt(g.size(-1))
-    out = (g / (rms + 1e-8)).to(g.dtype)
+    out = divide(g, rms + 1e-8)
     return out.mT if transpose else out
 
 
@@ -171,7 +178,7 @@ def lmo_sign(g, normalized=True):
 def lmo_bias_rms(g):
     """BiasRMS: g / (rms(g) + 1e-8), rms over dim 0 as in the reference."""
     rms = g.abs() if g.dim() == 0 else norm2(g, 0) / math.sqrt(g.size(0))
-    return (g / (rms + 1e-8)).to(g.dtype)
+    return divide(g, rms + 1e-8)
 
 
 def scion_update(p, g, buf, lmo, lr, momentum, scale, unconstrained):
