@@ -84,7 +84,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", dtype:
     dtype = dtype or G.dtype
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
-    X = (X / (mult * norm2(X, (-2, -1)) + eps)).to(dtype)
+    X = (X / (mult * norm2(X, (-2, -1), torch.promote_types(dtype, torch.float32)) + eps)).to(dtype)
     for a, b, c in triples:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -127,12 +127,23 @@ def lmo_spectral_conv(g, steps=5, coefficients="jordan", dtype=None, exact=False
     return X.reshape(g.shape) * spectral_conv_scale(g.shape)
 
 
-def norm2(x: torch.Tensor, dim) -> torch.Tensor:
-    """||x||_2 over ``dim`` (kept), in fp64, without overflow or underflow for any finite x: 16/32-bit x is
-    summed in fp64 (no square of theirs leaves fp64's range); fp64 x whose plain norm overflows or
-    underflows (inf, or 0 for a non-zero line) is scaled by its largest |x| first."""
-    direct = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float64)
-    if x.dtype != torch.float64 or x.numel() == 0:
+def norm2(x: torch.Tensor, dim, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """||x||_2 over ``dim`` (kept), as fp64, without overflow for any finite x (nor underflow, for fp64 x);
+    ``dtype``: the precision it is used in (default x's, at least fp32).
+
+    16/32-bit x: summed in fp64, whose range no square of theirs leaves; on CPU (eagerly), where an fp64
+    reduction of fp32 data is several times slower, a norm used in fp32 is first summed in fp32 and kept
+    unless it overflowed (a host check, free on CPU). fp64 x whose plain norm overflows or underflows
+    (inf, or 0 for a non-zero line) is scaled by its largest |x| first."""
+    if x.dtype != torch.float64:
+        fp32_is_enough = dtype is None or dtype != torch.float64
+        if fp32_is_enough and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            direct = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+            if not direct.isinf().any():
+                return direct.double()
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float64)
+    direct = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    if x.numel() == 0:
         return direct
     big = x.abs().amax(dim=dim, keepdim=True)
     scaled = torch.linalg.vector_norm(x / torch.where(big > 0, big, 1), dim=dim, keepdim=True) * big

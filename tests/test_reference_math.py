@@ -450,11 +450,14 @@ def test_max_line_norm_chunks_fp64_copies(monkeypatch, dim, shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("dim", [-1, -2, 0, (-2, -1)])
 def test_norm2_vs_oracle(dtype, dim):
-    """fp64 result of the input's dim kept, within the rule of sqrt(sum x²) in fp64 (plain: in fp32)."""
+    """An fp64 result with dim kept, within the rule of sqrt(sum x²) in the precision it is used in: at least
+    fp32 by default (x's own for fp64), fp64 when asked."""
     x = randn(3, 6, 9).to(dtype)
+    norm = lambda x: x.pow(2).sum(dim, keepdim=True).sqrt()  # noqa: E731
     got = ref.norm2(x, dim)
     assert got.dtype == torch.float64 and got.shape == x.double().sum(dim, keepdim=True).shape
-    assert_oracle(got, lambda x: x.pow(2).sum(dim, keepdim=True).sqrt(), x, dtype=torch.float64)
+    assert_oracle(got, norm, x, dtype=torch.promote_types(dtype, torch.float32))
+    assert_oracle(ref.norm2(x, dim, torch.float64), norm, x, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("scale", [2.0 ** 600, 2.0 ** -600, 2.0 ** 1000, 2.0 ** -1000])

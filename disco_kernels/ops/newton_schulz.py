@@ -60,7 +60,7 @@ def _torch(G, triples, mult, eps, dtype):
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
     acc = torch.promote_types(accumulate_dtype(dtype), X.dtype)  # fp64 G keeps its norm in fp64
-    X = (X.to(acc) / (mult * norm2(X, (-2, -1)) + eps).to(acc)).to(dtype)  # (norm2: no overflow)
+    X = (X.to(acc) / (mult * norm2(X, (-2, -1), acc) + eps).to(acc)).to(dtype)  # (norm2: no overflow)
     for a, b, c in triples:
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
