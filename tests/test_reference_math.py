@@ -480,3 +480,10 @@ def test_norm2_special_lines():
     assert ref.norm2(torch.ones(3, 4, dtype=torch.float16) * 60000, -1).squeeze(-1).tolist() == [120000.0] * 3
     assert ref.norm2(torch.empty(0, 5, dtype=torch.float64), -1).shape == (0, 1)
     assert ref.norm2(torch.empty(4, 0, dtype=torch.float64), -1).abs().max() == 0
+
+
+def test_newton_schulz_fp64_iteration_of_fp32_g_normalises_in_fp64():
+    """An fp64 iteration of fp32 G takes G's norm in fp64 too (an fp32 norm would cost 1e-7 of accuracy)."""
+    G = randn(6, 10).float()
+    assert_oracle(ref.newton_schulz(G, 5, dtype=torch.float64), lambda G: oracle.newton_schulz(G, 5), G,
+                  dtype=torch.float64)
