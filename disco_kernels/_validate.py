@@ -69,10 +69,14 @@ def tensor_list(ts, name: str) -> list:
     return list(ts)
 
 
-def like(t, ref: torch.Tensor, name: str, ref_name: str) -> None:
+def like(t, ref: torch.Tensor, name, ref_name: str) -> None:
     """``t`` is a real floating-point tensor with ``ref``'s shape and device (a broadcastable shape would
-    silently update every row); its dtype may differ (e.g. fp32 gradients or momentum of bf16 weights)."""
+    silently update every row); its dtype may differ (e.g. fp32 gradients or momentum of bf16 weights).
+    ``name`` may be a function giving it, called only to word an error (steps check every param)."""
+    if (isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta and t.shape == ref.shape
+            and t.device == ref.device):
+        return
+    name = name() if callable(name) else name
     real_tensor(t, name)
-    if t.shape != ref.shape or t.device != ref.device:
-        raise ValueError(f"{name} (shape {tuple(t.shape)}, {t.device}) must have the shape and device of {ref_name} "
-                         f"(shape {tuple(ref.shape)}, {ref.device})")
+    raise ValueError(f"{name} (shape {tuple(t.shape)}, {t.device}) must have the shape and device of {ref_name} "
+                     f"(shape {tuple(ref.shape)}, {ref.device})")

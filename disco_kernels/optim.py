@@ -150,9 +150,9 @@ class Scion(torch.optim.Optimizer):
                     continue
                 if g.is_sparse:
                     raise ValueError(f"Scion does not support sparse gradients: {_param_name(group, i, p, gi)}")
-                like(g, p, f"the gradient of {_param_name(group, i, p, gi)}", "the param")
+                like(g, p, lambda: f"the gradient of {_param_name(group, i, p, gi)}", "the param")  # (worded lazily)
                 if isinstance(p, distributed.DTensor):  # and its local shard, which the sharded route reads
-                    like(*local([g, p]), f"this rank's shard of the gradient of {_param_name(group, i, p, gi)}",
+                    like(*local([g, p]), lambda: f"this rank's shard of the gradient of {_param_name(group, i, p, gi)}",
                          "the param's shard")
                 concrete = norm.resolve(p.shape)
                 concrete.check(p.shape, _param_where(group.get("param_names"), gi, i))
