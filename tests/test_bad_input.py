@@ -1,6 +1,5 @@
 """Bad input, class by class: a clear error naming the argument and what was wrong, raised before
 anything is modified (parameters, gradients and optimizer state stay bit-identical)."""
-import copy
 
 import pytest
 import torch
@@ -8,21 +7,7 @@ from torch import nn
 
 import disco_kernels as dk
 from disco_kernels import norms
-
-
-def _state(params, opt):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-
-
-def _assert_same(params, opt, before):
-    for p, q in zip(params, before[0]):
-        assert torch.equal(p, q)
-    after = opt.state_dict()
-    assert after["param_groups"] == before[1]["param_groups"]
-    assert after["state"].keys() == before[1]["state"].keys()
-    for k, st in before[1]["state"].items():
-        for key, v in st.items():
-            assert torch.equal(after["state"][k][key], v)
+from test_optim import _assert_unchanged, _snapshot  # (one copy of the nothing-changed check)
 
 
 # -- norm flags and coefficient schedules --------------------------------------------------------
@@ -135,12 +120,12 @@ def test_gradient_unlike_its_param_fails_before_any_write(shape, bad_grad, norm,
     good.grad, bad.grad = torch.randn(5, 5), torch.randn(shape)
     opt.step()  # momentum buffers exist
     bad.grad.data = bad_grad
-    before = _state([good, bad], opt)
+    before = _snapshot([good, bad], opt)
     grads = good.grad.clone()
     with pytest.raises(ValueError, match=r"gradient of param_groups\[1\]\['params'\]\[0\].* must have the shape and "
                                          r"device of the param \(shape "):
         opt.step()
-    _assert_same([good, bad], opt, before)
+    _assert_unchanged([good, bad], opt, before)
     assert torch.equal(good.grad, grads)
 
 

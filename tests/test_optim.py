@@ -323,10 +323,12 @@ def _snapshot(params, opt):
 
 
 def _assert_unchanged(params, opt, snap):
+    """Params, groups and every state tensor bit-identical to ``_snapshot``'s, and no state added or dropped."""
     for p, s in zip(params, snap[0]):
         assert torch.equal(p, s)
     after = opt.state_dict()
     assert after["param_groups"] == snap[1]["param_groups"]
+    assert after["state"].keys() == snap[1]["state"].keys()
     for k, st in snap[1]["state"].items():
         for key, v in st.items():
             assert torch.equal(after["state"][k][key], v)
