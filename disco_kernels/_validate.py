@@ -41,6 +41,20 @@ def number(value, name: str, low: float = -math.inf, high: float = math.inf) -> 
     return float(value)
 
 
+def hyper(value, name: str, low: float = -math.inf, high: float = math.inf):
+    """A hyper-parameter: a number as ``number`` checks it, or a 0-d real floating-point tensor (kept a
+    tensor, so that a schedule can write into it without a recompilation or a new CUDA graph). A tensor's
+    value is checked where that is free (on the CPU, eagerly); a device tensor's is not (a host sync)."""
+    if not isinstance(value, torch.Tensor):
+        return number(value, name, low, high)
+    if value.dim() != 0 or not value.is_floating_point():
+        raise TypeError(f"{name} must be a real number or a 0-d floating-point tensor, got a tensor of shape "
+                        f"{tuple(value.shape)} and dtype {value.dtype}")
+    if value.device.type == "cpu":
+        number(value, name, low, high)
+    return value
+
+
 def count(value, name: str, low: int = 0) -> int:
     """An int >= low (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
