@@ -8,7 +8,8 @@
 namespace dk {
 
 enum Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-enum Lmo : int { kSign = 0, kRowNorm = 1, kColNorm = 2, kBiasRMS = 3 };
+// Kinds of LMO of the fused update (see fused_update_kernel.cuh): sign(d) alpha, d alpha, d / (||line|| alpha + eps).
+enum Kind : int { kKindSign = 0, kKindScaled = 1, kKindLine = 2 };
 
 // "" when the linked CUDA runtime works with this machine's driver (and sees a GPU), else its error;
 // the runtime version this extension was built with (e.g. 13000).
@@ -18,18 +19,26 @@ int runtime_version();
 // Round fp32 values to `dtype` and back with the kernels' conversions (for tests).
 void round_host(int dtype, const float* x, float* out, int64_t count);
 
-// ---- fused_update: momentum + LMO (Sign, RowNorm, ColNorm, BiasRMS) + decay + update, many tensors.
+// ---- fused_update: momentum + LMO of a kind (sign, scaled, line) + decay + update, many tensors in one launch.
 struct FusedUpdateConfig {
-  int lmo;
-  bool normalized, transpose, unconstrained, light, has_buf;
-  double lr, momentum, scale;
+  int kind;
+  bool unconstrained, light, has_buf;
+  double lr, momentum, scale;  // ignored where a `hyper` array {lr, momentum, scale} (fp32) is given
+  double eps;                  // the line kind's guard: d / (||line|| alpha + eps)
 };
-// p/g/buf: device pointers of contiguous tensors of `dtype` (buf 0 when !has_buf); one launch per 128 tensors.
-void fused_update_cuda(int dtype, const FusedUpdateConfig& cfg, const std::vector<std::uintptr_t>& p,
+// Whether the kernel takes params of `p_dtype` with grads (and bufs) of `g_dtype`.
+bool fused_update_supported(int p_dtype, int g_dtype);
+// p: device pointers of contiguous tensors of p_dtype; g, buf: of g_dtype (buf 0 when !has_buf). Per tensor its
+// shape, its line dim (-1 or -2; read for the line kind only) and alpha. hyper: 0, or a device pointer to fp32
+// {lr, momentum, scale} read by the kernel (no host sync: capturable in a CUDA graph). One launch per 128 tensors.
+void fused_update_cuda(int p_dtype, int g_dtype, const FusedUpdateConfig& cfg, const std::vector<std::uintptr_t>& p,
                        const std::vector<std::uintptr_t>& g, const std::vector<std::uintptr_t>& buf,
-                       const std::vector<std::vector<int64_t>>& shapes, std::uintptr_t stream);
-// The same update of one fp32 tensor on the host (sequential sums), for tests.
-void fused_update_host(const FusedUpdateConfig& cfg, const std::vector<int64_t>& shape, float* p, float* g, float* buf);
+                       const std::vector<std::vector<int64_t>>& shapes, const std::vector<int>& dims,
+                       const std::vector<double>& alphas, std::uintptr_t hyper, std::uintptr_t stream);
+// The same update of one tensor on the host (sequential sums) on fp32 arrays holding values of p_dtype (p) and
+// g_dtype (g, buf), each result rounded to its dtype as stored; hyper: null or a host array {lr, momentum, scale}.
+void fused_update_host(const FusedUpdateConfig& cfg, int p_dtype, int g_dtype, int dim, double alpha,
+                       const std::vector<int64_t>& shape, float* p, float* g, float* buf, const float* hyper);
 
 // ---- power_iteration: batched sigma_max estimate, one read of W per iteration.
 constexpr int64_t kPowerIterationMaxN = 16384;

@@ -16,14 +16,15 @@ using f32array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 namespace {
 
-dk::FusedUpdateConfig update_config(int lmo, bool normalized, bool transpose, bool unconstrained, bool light,
-                                    bool has_buf, double lr, double momentum, double scale) {
-  return dk::FusedUpdateConfig{lmo, normalized, transpose, unconstrained, light, has_buf, lr, momentum, scale};
+dk::FusedUpdateConfig update_config(int kind, bool unconstrained, bool light, bool has_buf, double lr,
+                                    double momentum, double scale, double eps) {
+  return dk::FusedUpdateConfig{kind, unconstrained, light, has_buf, lr, momentum, scale, eps};
 }
 
-// An array updated in place: must already be float32, C-contiguous, writable and of `size` elements.
+// An array updated in place: must already be float32 (any equivalent dtype object, e.g. one from ctypes),
+// C-contiguous, writable and of `size` elements.
 float* inout(py::array a, int64_t size, const char* name) {
-  if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) || !a.writeable() || a.size() != size)
+  if (!py::isinstance<py::array_t<float>>(a) || !(a.flags() & py::array::c_style) || !a.writeable() || a.size() != size)
     throw std::invalid_argument(std::string(name) + " must be a writable C-contiguous float32 array of " +
                                 std::to_string(size) + " elements");
   return static_cast<float*>(a.mutable_data());
@@ -37,8 +38,16 @@ PYBIND11_MODULE(_C, m) {
   m.attr("kernels") = py::make_tuple("fused_update", "power_iteration", "newton_schulz");
   m.attr("DTYPES") = py::dict(py::arg("float32") = int(dk::kFloat32), py::arg("bfloat16") = int(dk::kBFloat16),
                               py::arg("float16") = int(dk::kFloat16));
-  m.attr("LMOS") = py::dict(py::arg("Sign") = int(dk::kSign), py::arg("RowNorm") = int(dk::kRowNorm),
-                            py::arg("ColNorm") = int(dk::kColNorm), py::arg("BiasRMS") = int(dk::kBiasRMS));
+  m.attr("KINDS") = py::dict(py::arg("sign") = int(dk::kKindSign), py::arg("scaled") = int(dk::kKindScaled),
+                             py::arg("line") = int(dk::kKindLine));
+  {
+    const char* names[] = {"float32", "bfloat16", "float16"};
+    py::list pairs;
+    for (int p = 0; p < 3; ++p)
+      for (int g = 0; g < 3; ++g)
+        if (dk::fused_update_supported(p, g)) pairs.append(py::make_tuple(names[p], names[g]));
+    m.attr("FUSED_UPDATE_PAIRS") = py::tuple(pairs);  // (param dtype, grad/buf dtype) pairs of fused_update
+  }
   m.attr("cuda_runtime_version") = dk::runtime_version();
   m.def("runtime_status", &dk::runtime_status,
         "'' when the linked CUDA runtime works with the installed driver and sees a GPU, else its error.");
@@ -48,24 +57,45 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "fused_update",
-      [](int dtype, int lmo, bool normalized, bool transpose, bool unconstrained, bool light, bool has_buf, double lr,
-         double momentum, double scale, const std::vector<std::uintptr_t>& p, const std::vector<std::uintptr_t>& g,
-         const std::vector<std::uintptr_t>& buf, const std::vector<std::vector<int64_t>>& shapes, std::uintptr_t stream) {
-        dk::fused_update_cuda(dtype, update_config(lmo, normalized, transpose, unconstrained, light, has_buf, lr,
-                                                   momentum, scale), p, g, buf, shapes, stream);
+      [](int p_dtype, int g_dtype, int kind, bool unconstrained, bool light, bool has_buf, double lr, double momentum,
+         double scale, std::uintptr_t hyper, double eps, const std::vector<std::uintptr_t>& p,
+         const std::vector<std::uintptr_t>& g, const std::vector<std::uintptr_t>& buf,
+         const std::vector<std::vector<int64_t>>& shapes, const std::vector<int>& dims,
+         const std::vector<double>& alphas, std::uintptr_t stream) {
+        dk::fused_update_cuda(p_dtype, g_dtype,
+                              update_config(kind, unconstrained, light, has_buf, lr, momentum, scale, eps), p, g, buf,
+                              shapes, dims, alphas, hyper, stream);
       },
-      "Multi-tensor fused Scion update in place (contiguous tensors of one dtype).");
+      py::arg("p_dtype"), py::arg("g_dtype"), py::arg("kind"), py::arg("unconstrained"), py::arg("light"),
+      py::arg("has_buf"), py::arg("lr"), py::arg("momentum"), py::arg("scale"), py::arg("hyper"), py::arg("eps"),
+      py::arg("p"), py::arg("g"), py::arg("buf"), py::arg("shapes"), py::arg("dims"), py::arg("alphas"),
+      py::arg("stream"),
+      "Multi-tensor fused Scion update in place (contiguous tensors; p of p_dtype, g and buf of g_dtype; hyper 0 "
+      "or a device pointer to fp32 {lr, momentum, scale}, which then replace the plain numbers).");
   m.def(
       "host_fused_update",
-      [](int lmo, bool normalized, bool transpose, bool unconstrained, bool light, double lr, double momentum,
-         double scale, const std::vector<int64_t>& shape, py::array p, py::array g, py::object buf) {
+      [](int kind, int dim, double alpha, const std::vector<int64_t>& shape, py::array p, py::array g, py::object buf,
+         double lr, double momentum, double scale, bool unconstrained, bool light, double eps, py::object hyper,
+         int p_dtype, int g_dtype) {
         int64_t numel = 1;
         for (int64_t d : shape) numel *= d;
         float* bp = buf.is_none() ? nullptr : inout(buf.cast<py::array>(), numel, "buf");
-        dk::fused_update_host(update_config(lmo, normalized, transpose, unconstrained, light, bp != nullptr, lr,
-                                            momentum, scale), shape, inout(p, numel, "p"), inout(g, numel, "g"), bp);
+        f32array h;
+        if (!hyper.is_none()) {
+          h = hyper.cast<f32array>();
+          if (h.size() != 3) throw std::invalid_argument("hyper must hold 3 values: lr, momentum, scale");
+        }
+        dk::fused_update_host(update_config(kind, unconstrained, light, bp != nullptr, lr, momentum, scale, eps),
+                              p_dtype, g_dtype, dim, alpha, shape, inout(p, numel, "p"), inout(g, numel, "g"), bp,
+                              hyper.is_none() ? nullptr : h.data());
       },
-      "The fused update of one fp32 tensor on the host, in place on numpy arrays (for tests).");
+      py::arg("kind"), py::arg("dim"), py::arg("alpha"), py::arg("shape"), py::arg("p"), py::arg("g"),
+      py::arg("buf") = py::none(), py::kw_only(), py::arg("lr"), py::arg("momentum"), py::arg("scale"),
+      py::arg("unconstrained") = false, py::arg("light") = false, py::arg("eps"), py::arg("hyper") = py::none(),
+      py::arg("p_dtype") = int(dk::kFloat32), py::arg("g_dtype") = int(dk::kFloat32),
+      "The fused update of one tensor on the host, in place on float32 numpy arrays holding values of p_dtype (p) "
+      "and g_dtype (g, buf), with the kernel's plan, scalars and per-element math (for tests). hyper: None or "
+      "float32 [lr, momentum, scale], read as the kernel reads its device array (lr, momentum, scale then unused).");
 
   m.def("power_iteration_workspace", &dk::power_iteration_workspace, "fp32 words of workspace for power_iteration.");
   m.def("power_iteration", &dk::power_iteration_cuda,

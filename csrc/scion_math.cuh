@@ -23,16 +23,48 @@ template <typename T> DK_HD float round_to(float x) { return to_float(from_float
 // Momentum, with keep = 1 - momentum:  buf' = keep * buf + momentum * g.
 DK_HD float momentum_dir(float buf, float g, float keep, float momentum) { return buf * keep + g * momentum; }
 
-// sign(d), NaN kept (as torch.sign).
+// sign(d), NaN kept (the contract's sign; torch.sign, on the CPU, maps NaN to 0).
 DK_HD float sign_dir(float d) { return d > 0.f ? 1.f : (d < 0.f ? -1.f : d); }
 
-// Step factor of a row/column LMO: coef / (||d|| * alpha + 1e-8), coef = lr * scale. Sums of squares are
-// fp64 throughout: a huge but finite d (|d| > 2^64) would overflow an fp32 sum and give a zero step.
-DK_HD float norm_step(double sumsq, float alpha, float coef) {
-  return float(double(coef) / (sqrt(sumsq) * double(alpha) + 1e-8));
+// The fused update's kinds of LMO (api.h: Kind; disco_kernels/lmo.py declares each norm's kind, line dim and
+// per-tensor factor alpha, so no norm is restated here):
+//   sign:   u = sign(d) * alpha          scaled: u = d * alpha
+//   line:   u = d / (||line(d)||_2 * alpha + eps), lines along dim -1 (rows) or -2 (columns)
+
+// Direction of an element-wise kind (its alpha is folded into the step): sign(d) or d itself.
+DK_HD float elem_dir(float d, bool sign) { return sign ? sign_dir(d) : d; }
+
+// The per-launch scalars of a step, from lr, momentum and scale: keep = 1 - momentum; decay = 1 - lr (1 when
+// unconstrained); lr_scale = lr * scale; scale_grad: ScionLight's g' = keep g.
+struct StepScalars {
+  float keep, momentum, decay;
+  double lr_scale;
+  bool scale_grad;
+};
+// From `hyper` = {lr, momentum, scale} (fp32; read on the device by the kernel) when it is not null: then
+// ScionLight always scales g (also by 1 - 1 = 0, as the torch path does with a tensor momentum); else from the
+// plain numbers, where momentum == 1 leaves g as it is (the reference's ScionLight).
+DK_HD StepScalars step_scalars(const float* hyper, double lr, double momentum, double scale, bool unconstrained,
+                               bool light) {
+  if (hyper != nullptr) {
+    lr = double(hyper[0]);
+    momentum = double(hyper[1]);
+    scale = double(hyper[2]);
+  }
+  return StepScalars{float(1.0 - momentum), float(momentum), unconstrained ? 1.f : float(1.0 - lr), lr * scale,
+                     light && (hyper != nullptr || momentum != 1.0)};
 }
 
-// Weight update:  p' = decay * p - step * d,  decay = 1 - lr (1 when unconstrained).
+// Step factor of an element-wise kind: lr * scale * alpha.
+DK_HD float elem_step(double lr_scale, double alpha) { return float(lr_scale * alpha); }
+
+// Step factor of a line: lr * scale / (||line|| * alpha + eps). Sums of squares are fp64 throughout: a huge but
+// finite d (|d| > 2^64) would overflow an fp32 sum and give a zero step.
+DK_HD float norm_step(double sumsq, double alpha, double lr_scale, double eps) {
+  return float(lr_scale / (sqrt(sumsq) * alpha + eps));
+}
+
+// Weight update:  p' = decay * p - step * dir,  decay = 1 - lr (1 when unconstrained).
 DK_HD float apply_update(float p, float decay, float step, float d) { return p * decay - step * d; }
 
 // Power iteration finish: sigma = ||v'|| / ||u||, 0 when v' = 0 (then v is kept); NaN stays NaN.
