@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from disco_kernels import reference
+from disco_kernels.lmo import make_norm
 
 JORDAN = reference.JORDAN
 
@@ -42,14 +43,8 @@ def reference_lmo(norm: str, kwargs: dict, ns_dtype: torch.dtype = torch.bfloat1
             s = reference.spectral_scale(d_out, d_in, kwargs.get("normalized", True), kwargs.get("max", False))
             return reference_ns(g, kwargs.get("steps", 5), ns_dtype) * s
         return spectral
-    if norm == "ColNorm":
-        return lambda g: reference.lmo_colnorm(g, kwargs.get("normalized", False), kwargs.get("transpose", False))
-    if norm == "RowNorm":
-        return lambda g: reference.lmo_rownorm(g, kwargs.get("normalized", True), kwargs.get("transpose", False))
-    if norm == "Sign":
-        return lambda g: reference.lmo_sign(g, kwargs.get("normalized", True))
-    if norm == "BiasRMS":
-        return reference.lmo_bias_rms
+    if norm in ("ColNorm", "RowNorm", "Sign", "BiasRMS"):  # (their torch LMOs are the reference's math)
+        return make_norm(norm, kwargs).lmo
     raise ValueError(f"no reference LMO for norm {norm!r}")
 
 

@@ -35,12 +35,11 @@ def _params(model):
         concrete = make_norm(norm, kwargs)
         for j, (_, shape) in enumerate(params):
             c = concrete.resolve(shape)
-            route = ddist.route(c, ddist.Layout("sharded"))
+            route = ddist.route(c, ddist.Layout("sharded"), shape)
             if route == "owner":
                 items.append(ddist.Item(0, len(items), tuple(shape), ddist.ns_flops(shape, c.steps)))
-            elif route == "reduce":
-                dim, _ = ddist.reduction(c, shape)
-                sums.append(1 if len(shape) == 1 else shape[1] if dim == 0 else 0)
+            elif route == "reduce":  # (one sum per line; the lines run along dim 0)
+                sums.append(math.prod(shape[1:]))
     return ddist.order_items(items), sums
 
 

@@ -11,10 +11,11 @@ from . import lmo, ops, reference
 from ._backend import available_backends
 from .lmo import norm_dict
 from .optim import Scion, ScionLight
+from .capture import CapturedStep
 from . import models, norms, scaling
 from .param_groups import param_groups  # the function; the module stays importable
 
 __version__ = "0.1.0"
 
-__all__ = ["Scion", "ScionLight", "available_backends", "lmo", "models", "norm_dict", "norms", "ops", "param_groups",
+__all__ = ["CapturedStep", "Scion", "ScionLight", "available_backends", "lmo", "models", "norm_dict", "norms", "ops", "param_groups",
            "reference", "scaling"]

@@ -26,7 +26,7 @@ def self_check() -> list[tuple[str, bool, str]]:
     ref = reference.newton_schulz(G.double().cpu(), 5)
     sigma = reference.power_iteration(G.double().cpu(), iters=8)[0]  # the same 8 iterations in fp64
     P, D = G[0], G[1]  # a RowNorm step of P along D: P (1 - 0.1) - 0.1 lmo(D)
-    step = P.double().cpu() * 0.9 - 0.1 * reference.lmo_rownorm(D.double().cpu())
+    step = P.double().cpu() * 0.9 - 0.1 * dk.lmo.RowNorm().lmo(D.double().cpu())
 
     def fused(backend):
         p = P.clone()

@@ -12,11 +12,15 @@ Each parameter has a layout, found from the tensor itself:
 
 and each (norm, layout) a route:
 
-    local   no communication: Sign and RowNorm always, every norm of a replicated
-            param but the Newton-Schulz ones, ColNorm(transpose=True) on row shards.
-    owner   Spectral / SpectralConv of replicated or sharded params.
-    reduce  row- or column-wise norms whose sums run across row shards (ColNorm,
-            RowNorm(transpose=True), BiasRMS): one all-reduce of sums of squares.
+    local   no communication: element-wise norms (Sign) always, every norm of a
+            replicated param but the Newton-Schulz ones, line norms whose lines are
+            rows (RowNorm, ColNorm(transpose=True)) on row shards.
+    owner   Newton-Schulz norms (Spectral, SpectralConv) of replicated or sharded params.
+    reduce  line norms whose lines run across row shards (ColNorm, RowNorm(transpose=True),
+            BiasRMS): one all-reduce of sums of squares.
+
+Routes follow from the norm's declaration (``kind``, ``line_dim``; see lmo.py), and a line
+norm's factor ``alpha`` from the param's full shape, so no norm is named here.
 
 Owners are balanced by Newton-Schulz FLOPs (largest first onto the least-loaded
 rank), the same on every rank. Each owner's matrices, sorted by shape so that
@@ -33,9 +37,8 @@ import functools
 import hashlib
 import heapq
 import math
-import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -43,8 +46,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ._backend import on_device
 from ._finite import finite_mask
-from .lmo import BiasRMS, ColNorm, RowNorm, Sign
-from .reference import divide, norm2
+from .engine import local
+from .reference import line_lmo, norm2
 
 BUCKET_BYTES = 64 << 20
 _SAME_ERRORS = (ValueError, TypeError, FloatingPointError, NotImplementedError)
@@ -86,47 +89,13 @@ def layout(p: torch.Tensor, process_group=None) -> Layout:
     return LOCAL if process_group is None else Layout("replicated", process_group)
 
 
-def local(ts):
-    """Local tensors (the shard of a DTensor, the tensor itself otherwise); None stays None."""
-    if ts is None:
-        return None
-    return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
-
-
-def _shard_local(norm) -> bool:
-    """True when the fused LMO of ``norm`` on a row shard equals the rows of the full LMO."""
-    if isinstance(norm, Sign):
-        return True
-    if isinstance(norm, RowNorm):
-        return not norm.transpose
-    if isinstance(norm, ColNorm):
-        return norm.transpose and not norm.normalized
-    return False
-
-
-def route(norm, lay: Layout) -> str:
-    """"local", "owner" or "reduce" (see the module docstring)."""
-    if norm.fused is None:
+def route(norm, lay: Layout, shape) -> str:
+    """"local", "owner" or "reduce" (see the module docstring) for a param of ``shape``."""
+    if norm.kind is None:
         return "local" if lay.kind == "local" else "owner"
-    if lay.kind != "sharded" or _shard_local(norm):
-        return "local"
-    return "reduce"
-
-
-def reduction(norm, shape) -> tuple[int, float]:
-    """(dim, mult) with lmo(g) = g / (sqrt(sum of g² over dim) * mult + 1e-8), for a (d_out, d_in) or 1-D g."""
-    if isinstance(norm, BiasRMS):
-        return 0, 1 / math.sqrt(shape[0])
-    m, n = shape
-    if isinstance(norm, ColNorm):
-        if norm.transpose:
-            return 1, (m if norm.normalized else 1) / math.sqrt(n)
-        return 0, (n if norm.normalized else 1) / math.sqrt(m)
-    if isinstance(norm, RowNorm):
-        if norm.transpose:
-            return 0, math.sqrt(m) if norm.normalized else 1.0
-        return 1, math.sqrt(n) if norm.normalized else 1.0
-    raise TypeError(f"{type(norm).__name__} has no row/column reduction")
+    if lay.kind == "sharded" and norm.kind == "line" and len(shape) + norm.line_dim(shape) == 0:
+        return "reduce"  # (the lines run along dim 0, which the shards cut)
+    return "local"
 
 
 # -- planning (pure functions of shapes; the benchmark uses them too) -----------
@@ -221,15 +190,16 @@ class Stats:
 
 
 class _Owned:
-    """The owner-route work of one process group: items, their directions and LMOs."""
+    """The owner-route work of one process group: items, their directions and orthogonal factors."""
 
     def __init__(self, subparts, dirs, items, backend, stats, guard):
         self.subparts, self.dirs, self.items, self.backend, self.stats = subparts, dirs, items, backend, stats
         self.guard = guard
 
     def lmo(self, idx: list[int], fulls: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """LMOs of items ``idx`` (full directions in ``fulls``), batched per sub-part (zeros stand in
-        for the results of a failed compute: ``guard`` raises it on every rank before any write)."""
+        """Newton-Schulz factors (the LMOs before their factor alpha) of items ``idx`` (full directions in
+        ``fulls``), batched per sub-part (zeros stand in for the results of a failed compute: ``guard``
+        raises it on every rank before any write)."""
         by_part = defaultdict(list)
         for i in idx:
             by_part[self.items[i].part].append(i)
@@ -237,7 +207,7 @@ class _Owned:
         for part, ids in by_part.items():
             norm = self.subparts[part].norm
             gs = [fulls[i] for i in ids]
-            us = self.guard.run(lambda: norm.lmo_many(gs, backend=self.backend),
+            us = self.guard.run(lambda: norm.orthogonalise_many(gs, backend=self.backend),
                                 lambda: [g.new_zeros(g.shape, dtype=norm.dtype) for g in gs])
             for i, u in zip(ids, us):
                 out[i] = u
@@ -336,22 +306,20 @@ def _sharded(work: _Owned, group, updates) -> None:
 
 
 def _start_reduce(subparts, dirs, stats, guard):
-    """Local sums of squares of every reduce-route direction; those over the sharded dim start
-    one async all-reduce per group. Returns (sums, pending all-reduces)."""
+    """Local sums of squares of every reduce-route direction (its lines run along dim 0, which the shards
+    cut), and one async all-reduce of them per process group. Returns (sums, pending all-reduces)."""
     sums, by_group = [], defaultdict(list)
     for k, sub in enumerate(subparts):
         row = []
         for p, g in zip(sub.params, dirs[k]):
-            dim, _ = reduction(sub.norm, p.shape)
-            ss = guard.run(lambda: norm2(g, dim).square(),  # fp64: a huge finite g does not overflow
-                           lambda: g.new_zeros(g.sum(dim, keepdim=True).shape, dtype=torch.float64))
+            ss = guard.run(lambda: norm2(g, 0).square(),  # fp64: a huge finite g does not overflow
+                           lambda: g.new_zeros(g.sum(0, keepdim=True).shape, dtype=torch.float64))
             row.append(ss)
-            if dim == 0:
-                by_group[layout(p).group].append((k, len(row) - 1))
+            by_group[layout(p).group].append((k, len(row) - 1))
         sums.append(row)
     pending = []
     for group, where in by_group.items():
-        flat = torch.cat([sums[k][j].reshape(-1).double() for k, j in where])
+        flat = torch.cat([sums[k][j].reshape(-1) for k, j in where])
         pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, where))
         stats.collectives += 1
         world = dist.get_world_size(group)
@@ -360,14 +328,14 @@ def _start_reduce(subparts, dirs, stats, guard):
 
 
 def _finish_reduce(subparts, dirs, sums, pending, updates) -> None:
+    """The line LMO of each reduce-route direction from its lines' summed norms."""
     for handle, flat, where in pending:
         handle.wait()
         for (k, j), total in zip(where, flat.split([sums[k][j].numel() for k, j in where])):
-            sums[k][j] = total.view(sums[k][j].shape).to(sums[k][j].dtype)
+            sums[k][j] = total.view(sums[k][j].shape)
     for k, sub in enumerate(subparts):
         for j, (p, g) in enumerate(zip(sub.params, dirs[k])):
-            _, mult = reduction(sub.norm, p.shape)
-            updates[k][j] = divide(g, sums[k][j].sqrt() * mult + 1e-8)  # as the reference's LMOs
+            updates[k][j] = line_lmo(g, 0, sub.norm.alpha(p.shape), sums[k][j].sqrt())
 
 
 # -- agreement --------------------------------------------------------------------
@@ -451,18 +419,19 @@ def _raise_agreed(group, err, device, changed: str = "no parameter or state was 
     raise cls(f"{msg} [{where}; {changed}]") from err
 
 
-def agree(opt, params, names, groups, err=None):
+def agree(engine, params, names, groups, err=None):
     """Plan the step on every rank and agree on its validity with one fixed-size all-reduce (a second one
     only to name the param of an error). ``err``: this rank's failure so far (e.g. its closure's).
     Returns the parts to run, or None when the step is skipped everywhere."""
     parts = []
     if err is None:
         try:
-            parts = opt._plan()
+            parts = engine.plan()
         except Exception as e:  # one rank's bad input must not leave the others in a collective
             err = e
     device = local([params[0]])[0].device if params else torch.device("cpu")
-    header = _all_reduce_max(_header(params, err, opt.nonfinite != "ignore", device), groups).cpu()
+    check_finite = engine.opt.nonfinite != "ignore"
+    header = _all_reduce_max(_header(params, err, check_finite, device), groups).cpu()
     if header[FAILED]:
         _raise_agreed(groups[0], err, device)
     if _disagree(header, COUNT) or _disagree(header, PARAMS):
@@ -473,15 +442,8 @@ def agree(opt, params, names, groups, err=None):
         k = _first_param(params, groups, device, lambda p: p.grad is not None)
         raise ValueError(f"{names(k)} has a gradient on some ranks and none on others; every rank must "
                          "step the same params (no parameter or state was modified)")
-    if header[NONFINITE]:
-        if opt.nonfinite == "skip":
-            warnings.warn("Scion: non-finite gradient on some rank, step skipped on every rank (parameters and "
-                          "state unchanged)", RuntimeWarning, stacklevel=4)
-            return None
-        k = _first_nonfinite(params, groups, device)
-        raise FloatingPointError(f"non-finite gradient in {names(k)} on at least one rank; no parameter or state "
-                                 "was modified on any rank (nonfinite='skip' skips such steps)")
-    return parts
+    first_bad = lambda: names(_first_nonfinite(params, groups, device))  # noqa: E731 (every rank calls it)
+    return parts if engine.nonfinite_verdict(bool(header[NONFINITE]), first_bad, " on at least one rank") else None
 
 
 class _Guard:
@@ -510,32 +472,32 @@ class _Guard:
 
 # -- the step -----------------------------------------------------------------------
 
-def step(opt, params, names, err=None) -> Stats:
-    """One distributed Scion step of ``opt`` over its flat ``params``; ``names(k)`` describes params[k];
-    ``err``: an exception this rank already met (its closure's), raised on every rank.
+def step(engine, params, names, process_group=None, err=None) -> Stats:
+    """One distributed Scion step of ``engine``'s optimizer over its flat ``params``; ``names(k)`` describes
+    params[k]; ``err``: an exception this rank already met (its closure's), raised on every rank.
 
     Agreement, then the communicating compute (a failure there still takes part in every collective
     and is raised on every rank before any write), then the writes, which communicate no more: a
     failure among them leaves the other ranks' writes done, and says that replicas may differ."""
-    lays = [layout(p, opt.process_group) for p in params]
+    lays = [layout(p, process_group) for p in params]
     groups = list(dict.fromkeys(lay.group for lay in lays if lay.group is not None))
     stats = Stats(collectives=len(groups))
-    parts = agree(opt, params, names, groups, err)
+    parts = agree(engine, params, names, groups, err)
     if parts is None:
         return stats
     device = local([params[0]])[0].device
     subs = {"local": [], "owner": [], "reduce": []}
     for part in parts:
-        for r, sub in _split(part, opt.process_group).items():
+        for r, sub in _split(part, process_group).items():
             subs[r].append(sub)
     guard = _Guard()
-    dirs_owner = [guard.run(lambda: opt._directions(sub), lambda: local(sub.grads)) for sub in subs["owner"]]
-    dirs_reduce = [guard.run(lambda: opt._directions(sub), lambda: local(sub.grads)) for sub in subs["reduce"]]
+    dirs_owner = [guard.run(lambda: engine.directions(sub), lambda: local(sub.grads())) for sub in subs["owner"]]
+    dirs_reduce = [guard.run(lambda: engine.directions(sub), lambda: local(sub.grads())) for sub in subs["reduce"]]
     up_owner = [[None] * len(d) for d in dirs_owner]
     up_reduce = [[None] * len(d) for d in dirs_reduce]
     sums, pending = _start_reduce(subs["reduce"], dirs_reduce, stats, guard)
-    for (kind, group, *_), items in _owner_items(subs["owner"], opt.process_group).items():
-        work = _Owned(subs["owner"], dirs_owner, items, opt.backend, stats, guard)
+    for (kind, group, *_), items in _owner_items(subs["owner"], process_group).items():
+        work = _Owned(subs["owner"], dirs_owner, items, engine.backend, stats, guard)
         (_sharded if kind == "sharded" else _replicated)(work, group, up_owner)
     _finish_reduce(subs["reduce"], dirs_reduce, sums, pending, up_reduce)
     if groups and (subs["owner"] or subs["reduce"]):  # (the same on every rank: routes follow the agreed params)
@@ -543,9 +505,11 @@ def step(opt, params, names, err=None) -> Stats:
         stats.collectives += len(groups)
     try:
         for sub in subs["local"]:
-            opt._run(sub)
-        for sub, ups in zip(subs["owner"] + subs["reduce"], up_owner + up_reduce):
-            opt._apply(sub, ups)
+            engine.run(sub)
+        for sub, ups in zip(subs["owner"], up_owner):
+            engine.apply(sub, ups, sub.alphas())
+        for sub, ups in zip(subs["reduce"], up_reduce):
+            engine.apply(sub, ups, [1.0] * len(ups))  # (the LMOs themselves)
     except Exception as e:
         raise RuntimeError(f"Scion: writing the step failed on rank {dist.get_rank()} after the ranks agreed on it: "
                            f"{type(e).__name__}: {e}. Parameters may now differ across ranks: restore them "
@@ -557,19 +521,19 @@ def _split(part, process_group) -> dict:
     """The params of one part, by route, as parts of the same type."""
     idx = defaultdict(list)
     for i, p in enumerate(part.params):
-        idx[route(part.norm, layout(p, process_group))].append(i)
-    return {r: type(part)(part.group, part.norm, [part.params[i] for i in ids], [part.grads[i] for i in ids])
+        idx[route(part.norm, layout(p, process_group), p.shape)].append(i)
+    return {r: replace(part, params=[part.params[i] for i in ids], where=[part.where[i] for i in ids])
             for r, ids in idx.items()}
 
 
 def _owner_items(subparts, process_group) -> dict:
-    """Items of the owner route keyed by (layout kind, group, LMO dtype, direction dtype),
+    """Items of the owner route keyed by (layout kind, group, NS dtype, direction dtype),
     each list in ``order_items`` order."""
     keyed = defaultdict(list)
     for k, sub in enumerate(subparts):
         for j, p in enumerate(sub.params):
             lay = layout(p, process_group)
-            key = (lay.kind, lay.group, sub.norm.dtype, sub.grads[j].dtype)
+            key = (lay.kind, lay.group, sub.norm.dtype, p.grad.dtype)
             keyed[key].append(Item(k, j, tuple(p.shape), ns_flops(p.shape, sub.norm.steps)))
     return {key: order_items(items) for key, items in keyed.items()}
 

@@ -2,9 +2,15 @@
 
 Each class takes the reference's constructor arguments (plus keyword-only
 extras) and offers ``lmo(g)``, ``init(w)`` and ``lmo_many(gs)``, which batches
-same-shaped matrices into one kernel launch. ``fused`` names the LMO that
-``ops.fused_update`` implements for this norm (None when the LMO needs
-Newton-Schulz). The math of each LMO is in ``reference.py``.
+same-shaped matrices into one kernel launch. Each norm is declared here once,
+by its ``kind`` and a factor ``alpha(shape)``:
+
+    kind None     (Spectral, SpectralConv)  lmo(g) = NS(g) * alpha(shape)
+    kind "sign"   (Sign)                    lmo(g) = sign(g) * alpha(shape)
+    kind "line"   (ColNorm, RowNorm, BiasRMS) lmo(g) = g / (||line||_2 * alpha(shape) + LINE_EPS),
+                                            lines along ``line_dim(shape)``
+
+The fused kernels, the optimizer's plan and the distributed routes derive from these facts.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ class Norm:
     """Base class: the tensor ranks a norm accepts and the LMO API."""
 
     ndims: tuple[int, ...] = (2,)
-    fused: str | None = None
+    kind: str | None = None  # the fused update's kind ("line", "sign"); None: the LMO needs Newton-Schulz
 
     def check(self, shape, name: str = "g") -> None:
         """Raise ValueError when this norm cannot take a tensor of ``shape``."""
@@ -47,15 +53,18 @@ class Norm:
     def init(self, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def flags(self) -> dict:
-        """Keyword flags of ``ops.fused_update`` for this norm."""
-        return {}
+    def alpha(self, shape) -> float:
+        """The LMO's factor for a tensor of ``shape`` (see the module docstring)."""
+        raise NotImplementedError
+
+    def line_dim(self, shape) -> int:
+        """The dim the lines of a "line" norm run along (-1 for the others: unused)."""
+        return -1
 
     def check_backend(self, backend: str, shape, p: torch.Tensor, g: torch.Tensor, name: str = "g") -> None:
         """Raise the error that a forced ``backend`` would raise on a param of full ``shape``, local
         tensor ``p`` and gradient ``g``, so that a step can fail before it modifies anything."""
-        flags = {"normalized": True, "transpose": False, **self.flags()}
-        fused_backend(backend, [p], [g], None, self.fused, flags["transpose"], flags["normalized"], False, name)
+        fused_backend(backend, [p], [g], None, self.kind, [self.line_dim(shape)], False, name)
 
 
 def _orthogonal_like(w: torch.Tensor) -> torch.Tensor:
@@ -80,35 +89,34 @@ class _NewtonSchulzNorm(Norm):
         self.coefficients = coefficients
         self.dtype = as_dtype(dtype)
 
-    def scale_for(self, shape) -> float:
-        raise NotImplementedError
-
     def check_backend(self, backend, shape, p, g, name="g"):
         """As ``Norm.check_backend``, for ``newton_schulz`` on the whole matrix."""
         G = g.new_empty(()).expand(shape[0], math.prod(shape[1:]))  # the matrix's shape, dtype and device
         ns_backend(backend, G, self.dtype, self.steps, name)
 
-    def _ns(self, g, backend):
-        return newton_schulz(g, self.steps, self.coefficients, dtype=self.dtype, backend=backend)
+    def orthogonalise(self, G: torch.Tensor, *, backend="auto") -> torch.Tensor:
+        """Newton-Schulz of (b, m, n) G, per matrix, unscaled (the LMO is this times ``alpha``)."""
+        return newton_schulz(G, self.steps, self.coefficients, dtype=self.dtype, backend=backend)
 
     def lmo(self, g, *, backend="auto"):
         self.check(g.shape)
-        return self._ns(g.reshape(g.size(0), -1), backend).view(g.shape) * self.scale_for(g.shape)
+        return self.orthogonalise(g.reshape(g.size(0), -1), backend=backend).view(g.shape) * self.alpha(g.shape)
 
     def lmo_many(self, gs, *, backend="auto"):
         """Same-shaped tensors go through one batched Newton-Schulz call."""
+        return [x * self.alpha(g.shape) for g, x in zip(gs, self.orthogonalise_many(gs, backend=backend))]
+
+    def orthogonalise_many(self, gs, *, backend="auto") -> list[torch.Tensor]:
+        """``orthogonalise`` of every tensor in ``gs`` (reshaped to (len, -1); same shapes batched)."""
         by_shape = defaultdict(list)
         for i, g in enumerate(gs):
             self.check(g.shape)
             by_shape[tuple(g.shape)].append(i)
         out = [None] * len(gs)
         for shape, idx in by_shape.items():
-            if len(idx) == 1:
-                out[idx[0]] = self.lmo(gs[idx[0]], backend=backend)
-                continue
-            batch = torch.stack([gs[i].reshape(shape[0], -1) for i in idx])
-            X = self._ns(batch, backend) * self.scale_for(shape)
-            for i, x in zip(idx, X.unbind(0)):
+            G = torch.stack([gs[i].reshape(shape[0], -1) for i in idx]) if len(idx) > 1 \
+                else gs[idx[0]].reshape(1, shape[0], -1)
+            for i, x in zip(idx, self.orthogonalise(G, backend=backend).unbind(0)):
                 out[i] = x.view(shape)
         return out
 
@@ -125,12 +133,12 @@ class Spectral(_NewtonSchulzNorm):
         self.max = flag(max, "max")
         self.normalized = flag(normalized, "normalized")
 
-    def scale_for(self, shape):
+    def alpha(self, shape):
         return reference.spectral_scale(shape[0], shape[1], self.normalized, self.max)
 
     def init(self, w):
         self.check(w.shape, "w")
-        return _set(w, _orthogonal_like(w) * self.scale_for(w.shape))
+        return _set(w, _orthogonal_like(w) * self.alpha(w.shape))
 
 
 class SpectralConv(_NewtonSchulzNorm):
@@ -142,7 +150,7 @@ class SpectralConv(_NewtonSchulzNorm):
     def __init__(self, steps=5, *, coefficients="jordan", dtype="bfloat16"):
         super().__init__(steps, coefficients, dtype)
 
-    def scale_for(self, shape):
+    def alpha(self, shape):
         return reference.spectral_conv_scale(shape)
 
     def init(self, w):
@@ -150,102 +158,128 @@ class SpectralConv(_NewtonSchulzNorm):
         w64 = w.detach().double()
         for pos in itertools.product(*map(range, w.shape[2:])):  # every tap, also of a (k1, k2) kernel
             torch.nn.init.orthogonal_(w64[(slice(None), slice(None), *pos)])
-        return _set(w, w64 * self.scale_for(w.shape))
+        return _set(w, w64 * self.alpha(w.shape))
 
 
-class _AxisNorm(Norm):
-    """Shared by ColNorm and RowNorm: an LMO that normalises along one axis, ``transpose`` swapping it."""
+class LineNorm(Norm):
+    """A line-wise LMO, declared by two facts: the dim its lines run along and a factor alpha(shape):
 
-    reference_lmo = None  # reference.lmo_colnorm or reference.lmo_rownorm
+        lmo(g) = g / (||line||_2 * alpha(shape) + LINE_EPS)
+
+    The torch path, the fused kernels (which receive dim and alpha per tensor) and the distributed
+    routes all derive from these two. A new line-wise norm is one subclass."""
+
+    kind = "line"
+
+    def line_dim(self, shape) -> int:
+        """-1: the lines are rows (a vector is one line); -2: they are columns."""
+        raise NotImplementedError
+
+    def alpha(self, shape) -> float:
+        raise NotImplementedError
+
+    def lmo(self, g, *, backend="auto"):
+        self.check(g.shape)
+        return reference.line_lmo(g, self.line_dim(g.shape), self.alpha(g.shape))
+
+    def init(self, w):
+        """Gaussian, then each line scaled to norm 1 / alpha(shape) (the reference's init)."""
+        self.check(w.shape, "w")
+        v = self._draw(w.detach().clone())
+        dim = self.line_dim(w.shape) if w.dim() else ()
+        return _set(w, v / torch.linalg.vector_norm(v, dim=dim, keepdim=True) / self.alpha(w.shape))
+
+    def _draw(self, v):
+        torch.nn.init.normal_(v)
+        return v
+
+
+class _FlippableLineNorm(LineNorm):
+    """ColNorm and RowNorm: lines along ``own_dim``, swapped by ``transpose``."""
+
+    own_dim = -1
 
     def __init__(self, normalized, transpose):
         self.normalized = flag(normalized, "normalized")
         self.transpose = flag(transpose, "transpose")
 
-    def flags(self):
-        return {"normalized": self.normalized, "transpose": self.transpose}
+    def line_dim(self, shape):
+        return -3 - self.own_dim if self.transpose else self.own_dim
 
-    def lmo(self, g, *, backend="auto"):
-        self.check(g.shape)
-        return self.reference_lmo(g, self.normalized, self.transpose)
+    def _draw(self, v):
+        torch.nn.init.normal_(v.mT if self.transpose else v)  # (the reference draws in the transposed layout)
+        return v
 
-    def init(self, w):
-        """Gaussian, then each column (ColNorm) or row (RowNorm) of the (transposed) weight scaled to
-        the norm that ``init_scale(d_out, d_in)`` gives."""
-        self.check(w.shape, "w")
-        v = w.detach().clone()
-        v = v.mT if self.transpose else v
-        torch.nn.init.normal_(v)
-        v = v / torch.linalg.vector_norm(v, dim=self.axis, keepdim=True) * self.init_scale(*v.shape)
-        return _set(w, v.mT if self.transpose else v)
+    def _lengths(self, shape):
+        """(L, O): the length of a line and the number of lines."""
+        dim = self.line_dim(shape)
+        return shape[dim], shape[-3 - dim]
 
 
-class ColNorm(_AxisNorm):
-    """Column-wise LMO: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8.
+class ColNorm(_FlippableLineNorm):
+    """Column-wise LMO: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + LINE_EPS.
     ``transpose=True`` for embeddings stored (vocab, dim): each vocab row then has RMS 1."""
 
-    fused = "ColNorm"
-    axis = 0
-    reference_lmo = staticmethod(reference.lmo_colnorm)
+    own_dim = -2
 
     def __init__(self, normalized=False, transpose=False):
         super().__init__(normalized, transpose)
 
-    def init_scale(self, d_out, d_in):
-        return math.sqrt(d_out) / (d_in if self.normalized else 1)
+    def alpha(self, shape):
+        length, lines = self._lengths(shape)
+        return (lines if self.normalized else 1) / math.sqrt(length)
 
 
-class RowNorm(_AxisNorm):
-    """Row-wise LMO: each row over ||row||_2 (times sqrt(d_in) if normalized) + 1e-8."""
+class RowNorm(_FlippableLineNorm):
+    """Row-wise LMO: each row over ||row||_2 (times sqrt(d_in) if normalized) + LINE_EPS."""
 
-    fused = "RowNorm"
-    axis = 1
-    reference_lmo = staticmethod(reference.lmo_rownorm)
+    own_dim = -1
 
     def __init__(self, normalized=True, transpose=False):
         super().__init__(normalized, transpose)
 
-    def init_scale(self, d_out, d_in):
-        return 1 / math.sqrt(d_in) if self.normalized else 1.0
+    def alpha(self, shape):
+        return math.sqrt(self._lengths(shape)[0]) if self.normalized else 1.0
+
+
+class BiasRMS(LineNorm):
+    """RMS LMO for biases and gains: g / (rms(g) + LINE_EPS); init zero."""
+
+    ndims = (0, 1)
+
+    def line_dim(self, shape):
+        return -1
+
+    def alpha(self, shape):
+        return 1 / math.sqrt(shape[0]) if shape else 1.0
+
+    def init(self, w):
+        self.check(w.shape, "w")
+        return _set(w, torch.zeros_like(w))
 
 
 class Sign(Norm):
-    """Sign LMO: sign(g), divided by d_in if normalized."""
+    """Sign LMO: sign(g) * alpha(shape), alpha = 1 / d_in if normalized, else 1."""
 
-    fused = "Sign"
+    kind = "sign"
 
     def __init__(self, zero_init=False, normalized=True):
         self.zero_init = flag(zero_init, "zero_init")
         self.normalized = flag(normalized, "normalized")
 
-    def flags(self):
-        return {"normalized": self.normalized}
+    def alpha(self, shape) -> float:
+        return 1 / shape[-1] if self.normalized else 1.0
 
     def lmo(self, g, *, backend="auto"):
         self.check(g.shape)
-        return reference.lmo_sign(g, self.normalized)
+        return reference.sign_lmo(g, self.alpha(g.shape))
 
     def init(self, w):
         self.check(w.shape, "w")
         if self.zero_init:
             return _set(w, torch.zeros_like(w))
         v = torch.randint(0, 2, w.shape, dtype=w.dtype, device=w.device) * 2 - 1
-        return _set(w, v / w.size(1) if self.normalized else v)
-
-
-class BiasRMS(Norm):
-    """RMS LMO for biases and gains: g / (rms(g) + 1e-8)."""
-
-    ndims = (0, 1)
-    fused = "BiasRMS"
-
-    def lmo(self, g, *, backend="auto"):
-        self.check(g.shape)
-        return reference.lmo_bias_rms(g)
-
-    def init(self, w):
-        self.check(w.shape, "w")
-        return _set(w, torch.zeros_like(w))
+        return _set(w, v * self.alpha(w.shape))
 
 
 class Auto(Norm):

@@ -17,49 +17,21 @@ non-finite-gradient policy, and state_dict round trips that resume bit-identical
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 
 from . import _backend, distributed
-from ._finite import finite_mask
-from ._validate import flag, like, number, real_tensor
-from .distributed import local
-from .lmo import Norm, make_norm
-from .ops import fused_update
-from .ops.fused_update import apply_update_, momentum_
+from ._validate import real_tensor
+from .engine import NONFINITE, Engine, check_hyper, local, param_name, param_where, step_local
+from .lmo import make_norm
 
-NONFINITE = ("raise", "skip", "ignore")
 GROUP_KEYS = ("params", "lr", "momentum", "norm", "norm_kwargs", "scale", "unconstrained")  # a Scion group's own keys
 STATE_TENSORS = {"momentum_buffer", "grad_state"}  # per-param state: Scion's buffer, ScionLight's carried grad
 
 
-@dataclass
-class _Part:
-    """The params of one group that share one concrete norm."""
-    group: dict
-    norm: Norm
-    params: list
-    grads: list
-
-
-def _param_where(names, gi: int, i: int) -> str:
-    """A param's name, or where it sits: param_groups[gi]['params'][i]."""
-    return repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
-
-
-def _param_name(group: dict, i: int, p: torch.Tensor, gi: int) -> str:
-    return f"{_param_where(group.get('param_names'), gi, i)} (shape {tuple(p.shape)})"
-
-
-def _check_hyper(group: dict) -> Norm:
-    """Validate a group's hyper-parameters; return its norm. (Numbers are checked eagerly: traced by
-    torch.compile, one that a schedule changes is symbolic.)"""
-    number(group["lr"], "lr", 0.0)
-    number(group["momentum"], "momentum", 0.0, 1.0)  # (one minus the usual factor: 0.1 means 0.9 in SGD terms)
-    number(group["scale"], "scale")
-    flag(group["unconstrained"], "unconstrained")
+def _check_hyper(group: dict):
+    """Validate a group's hyper-parameters; return its norm."""
+    check_hyper(group)
     return make_norm(group["norm"], group["norm_kwargs"])
 
 
@@ -105,6 +77,7 @@ class Scion(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, scale=scale, unconstrained=unconstrained, norm=norm,
                         norm_kwargs={} if norm_kwargs is None else norm_kwargs)
         _check_hyper(defaults)
+        self.engine = Engine(self, self._light)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -127,7 +100,7 @@ class Scion(torch.optim.Optimizer):
         for i, p in enumerate(params):
             p = p[1] if isinstance(p, tuple) else p
             if isinstance(p, torch.Tensor):
-                where = _param_where(names, len(self.param_groups), i)
+                where = param_where(names, len(self.param_groups), i)
                 real_tensor(p, where)
                 norm.check(p.shape, where)
                 if self.backend != "auto":  # a forced backend that cannot run these params fails now, not at step 1
@@ -136,93 +109,6 @@ class Scion(torch.optim.Optimizer):
         super().add_param_group({**param_group, "params": params, "norm_kwargs": merged["norm_kwargs"]})
 
     # -- step -----------------------------------------------------------------
-
-    def _plan(self) -> list[_Part]:
-        """Group every param with a grad by (group, concrete norm); validates, modifies nothing."""
-        parts = []
-        for gi, group in enumerate(self.param_groups):
-            norm = _check_hyper(group)
-            by_norm: dict[tuple[int, int], _Part] = {}
-            seen: dict[int, int] = defaultdict(int)  # a param listed k times steps k times, as in the reference
-            for i, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None or p.numel() == 0:  # (a zero-size param has nothing to step)
-                    continue
-                if g.is_sparse:
-                    raise ValueError(f"Scion does not support sparse gradients: {_param_name(group, i, p, gi)}")
-                like(g, p, lambda: f"the gradient of {_param_name(group, i, p, gi)}", "the param")  # (worded lazily)
-                if isinstance(p, distributed.DTensor):  # and its local shard, which the sharded route reads
-                    like(*local([g, p]), lambda: f"this rank's shard of the gradient of {_param_name(group, i, p, gi)}",
-                         "the param's shard")
-                concrete = norm.resolve(p.shape)
-                concrete.check(p.shape, _param_where(group.get("param_names"), gi, i))
-                if self.backend != "auto" and not torch.compiler.is_compiling():  # (the ops check it when compiled)
-                    concrete.check_backend(self.backend, p.shape, *local([p, g]), _param_name(group, i, p, gi))
-                part = by_norm.setdefault((id(concrete), seen[id(p)]), _Part(group, concrete, [], []))
-                seen[id(p)] += 1
-                part.params.append(p)
-                part.grads.append(g)
-            parts.extend(by_norm.values())
-        return parts
-
-    def _all_finite(self, parts: list[_Part]) -> bool:
-        if self.nonfinite == "ignore":
-            return True
-        by_device = defaultdict(list)
-        for part in parts:
-            for g in part.grads:
-                if g.numel():
-                    by_device[g.device].append(g)
-        if all(finite_mask(gs).all().item() for gs in by_device.values()):
-            return True
-        if self.nonfinite == "skip":
-            warnings.warn("Scion: non-finite gradient, step skipped (parameters and state unchanged)", RuntimeWarning,
-                          stacklevel=3)
-            return False
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None and not p.grad.isfinite().all():
-                    raise FloatingPointError(f"non-finite gradient in {_param_name(group, i, p, gi)}; "
-                                             "no parameter or state was modified (nonfinite='skip' skips such steps)")
-        return True
-
-    def _buffers(self, params, grads) -> list[torch.Tensor]:
-        bufs = []
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            bufs.append(state["momentum_buffer"])
-        return bufs
-
-    def _directions(self, part: _Part) -> list[torch.Tensor]:
-        """The local tensors the LMO acts on: momentum buffers after this step's update, or the grads."""
-        if part.group["momentum"] != 1 and not self._light:
-            bufs = local(self._buffers(part.params, part.grads))
-            momentum_(bufs, local(part.grads), part.group["momentum"])
-            return bufs
-        return local(part.grads)
-
-    def _apply(self, part: _Part, updates: list[torch.Tensor]) -> None:
-        """p = p (1 - lr) - lr * scale * u on the local tensors; ScionLight then decays p.grad."""
-        group = part.group
-        lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
-        apply_update_(local(part.params), updates, lr, group["scale"], group["unconstrained"])
-        if self._light and group["momentum"] != 1:
-            torch._foreach_mul_(local(part.grads), 1 - group["momentum"])
-
-    def _run(self, part: _Part) -> None:
-        """The step of one part on this rank's tensors alone."""
-        group, norm, params, grads = part.group, part.norm, part.params, part.grads
-        if norm.fused is None:
-            self._apply(part, norm.lmo_many(self._directions(part), backend=self.backend))
-            return
-        lr, momentum = group["lr"], group["momentum"]
-        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-        bufs = self._buffers(params, grads) if momentum != 1 and not self._light else None
-        fused_update(local(params), local(grads), local(bufs), lmo=norm.fused, lr=lr, momentum=momentum,
-                     scale=group["scale"], unconstrained=group["unconstrained"], light=self._light,
-                     backend=self.backend, **norm.flags())
 
     def _flat_params(self) -> list[tuple[int, int, torch.Tensor]]:
         return [(gi, i, p) for gi, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
@@ -246,15 +132,11 @@ class Scion(torch.optim.Optimizer):
                     err = e
         if spread:
             def name(k):
-                gi, i, p = flat[k]
-                return _param_name(self.param_groups[gi], i, p, gi)
-            self.comm_stats = distributed.step(self, [p for _, _, p in flat], name, err)
+                gi, i, _ = flat[k]
+                return param_name(self.param_groups[gi], gi, i)
+            self.comm_stats = distributed.step(self.engine, [p for _, _, p in flat], name, self.process_group, err)
             return loss
-        parts = self._plan()
-        if not self._all_finite(parts):
-            return loss
-        for part in parts:
-            self._run(part)
+        step_local(self.engine, self.engine.plan())
         return loss
 
     @torch.no_grad()
@@ -304,8 +186,13 @@ class Scion(torch.optim.Optimizer):
             if not isinstance(state, dict):
                 raise ValueError(f"state_dict state[{pid!r}] must be a dict, got {type(state).__name__}")
             for key in STATE_TENSORS & set(state):
-                self._check_saved(state[key], key, p, _param_name(groups[gi], i, p, gi))
+                self._check_saved(state[key], key, p, param_name(groups[gi], gi, i))
         super().load_state_dict(state_dict)
+        self.engine.forget()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.engine = Engine(self, self._light)
 
     def _check_saved(self, value, key: str, p: torch.Tensor, where: str) -> None:
         """A saved momentum of ``p``: a real tensor of p's shape, finite unless nonfinite='ignore'."""

@@ -151,6 +151,10 @@ def norm2(x: torch.Tensor, dim, dtype: torch.dtype | None = None) -> torch.Tenso
     return torch.where(overflowed | ((direct == 0) & (big > 0)), scaled, direct)
 
 
+# The line LMOs' guard (reference Scion): a zero line maps to 0, not 0 / 0. Every backend takes it from here.
+LINE_EPS = 1e-8
+
+
 def divide(g: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     """g / denom in g's dtype, the division in at least fp32 (denom, from ``norm2``, is fp64: dividing by
     it directly would make an fp64 copy of g)."""
@@ -158,38 +162,18 @@ def divide(g: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     return (g.to(work) / denom.to(work)).to(g.dtype)
 
 
-def lmo_colnorm(g, normalized=False, transpose=False):
-    """ColNorm: each column over (||col||_2 / sqrt(d_out)) (times d_in if normalized) + 1e-8."""
-    if transpose:
-        g = g.mT
-    rms = norm2(g, -2) / math.sqrt(g.size(-2))
-    if normalized:
-        rms = rms * g.size(-1)
-    out = divide(g, rms + 1e-8)
-    return out.mT if transpose else out
+def line_lmo(g: torch.Tensor, dim: int, alpha: float, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The line-wise LMO: g / (||line||_2 * alpha + LINE_EPS), lines running along ``dim`` (-1: rows, -2:
+    columns; a 0-D g is its own line). Norms in fp64 (``norm2``; or ``norm``, the lines' norms where they
+    are known, e.g. summed across shards), the division in at least fp32."""
+    if norm is None:
+        norm = g.abs().double() if g.dim() == 0 else norm2(g, dim)
+    return divide(g, norm * alpha + LINE_EPS)
 
 
-def lmo_rownorm(g, normalized=True, transpose=False):
-    """RowNorm: each row over ||row||_2 (times sqrt(d_in) if normalized) + 1e-8."""
-    if transpose:
-        g = g.mT
-    rms = norm2(g, -1)
-    if normalized:
-        rms = rms * math.sqrt(g.size(-1))
-    out = divide(g, rms + 1e-8)
-    return out.mT if transpose else out
-
-
-def lmo_sign(g, normalized=True):
-    """Sign: sign(g), divided by d_in (the last dim) if normalized."""
-    s = torch.sign(g)
-    return s / g.size(-1) if normalized else s
-
-
-def lmo_bias_rms(g):
-    """BiasRMS: g / (rms(g) + 1e-8), rms over dim 0 as in the reference."""
-    rms = g.abs() if g.dim() == 0 else norm2(g, 0) / math.sqrt(g.size(0))
-    return divide(g, rms + 1e-8)
+def sign_lmo(g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The element-wise LMO: sign(g) * alpha (NaN kept)."""
+    return torch.sign(g) * alpha
 
 
 def scion_update(p, g, buf, lmo, lr, momentum, scale, unconstrained):

@@ -486,7 +486,7 @@ def _check_bytes_and_work(stats, world, kind):
         concrete = dk.lmo.make_norm(norm, nk)
         for n in names:
             shape, c = named[n].shape, concrete.resolve(named[n].shape)
-            if n.startswith("unused") or c.fused is not None:
+            if n.startswith("unused") or c.kind is not None:
                 continue
             work += ddist.ns_flops(shape, c.steps)
             numel = math.prod(shape)
@@ -508,7 +508,7 @@ def _owner_rows(name, named, world):
     for names, norm, nk in GROUPS:
         for n in names:
             shape, c = tuple(named[n].shape), dk.lmo.make_norm(norm, nk).resolve(named[n].shape)
-            if not n.startswith("unused") and c.fused is None:
+            if not n.startswith("unused") and c.kind is None:
                 keyed[c.dtype].append((n, ddist.Item(0, len(keyed[c.dtype]), shape, ddist.ns_flops(shape, c.steps))))
     pairs = next(v for v in keyed.values() if any(n == name for n, _ in v))
     ordered = ddist.order_items([it for _, it in pairs])
@@ -519,11 +519,10 @@ def _owner_rows(name, named, world):
 
 
 def _reduce_numel(name, named):
+    """Sums of squares all-reduced for ``name`` on row shards: one per line, when its lines run along dim 0."""
     p = named[name]
-    if p.dim() == 1:
-        return 1
-    dim, _ = ddist.reduction(dk.lmo.make_norm(*_norm_of(name)).resolve(p.shape), p.shape)
-    return p.shape[1 - dim] if dim == 0 else 0
+    norm = dk.lmo.make_norm(*_norm_of(name)).resolve(p.shape)
+    return math.prod(p.shape[1:]) if p.dim() + norm.line_dim(p.shape) == 0 else 0
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -624,32 +623,6 @@ def test_plan_rounds_and_row_splits():
             chunks = torch.arange(rows).chunk(world)
             want = [len(c) for c in chunks] + [0] * (world - len(chunks))
             assert list(ddist.row_splits(rows, world)) == want
-
-
-@pytest.mark.parametrize("norm,kw", [("ColNorm", {}), ("ColNorm", {"normalized": True}),
-                                     ("ColNorm", {"normalized": True, "transpose": True}),
-                                     ("ColNorm", {"transpose": True}), ("RowNorm", {}),
-                                     ("RowNorm", {"normalized": False}),
-                                     ("RowNorm", {"normalized": True, "transpose": True}),
-                                     ("RowNorm", {"normalized": False, "transpose": True}), ("BiasRMS", {})])
-def test_reduction_matches_oracle_lmo(norm, kw):
-    """g / (sqrt(sum g² over dim) * mult + 1e-8) is the norm's LMO (the oracle's), in fp64 under the rule."""
-    g = torch.randn((9,) if norm == "BiasRMS" else (7, 5), dtype=torch.float64)
-    dim, mult = ddist.reduction(dk.lmo.make_norm(norm, kw), g.shape)
-    got = g / (g.square().sum(dim, keepdim=True).sqrt() * mult + 1e-8)
-    assert_close(got, oracle.lmo(norm, g, **kw), oracle.lmo(norm, g.float(), **kw))
-
-
-def test_routes():
-    sharded, replicated = ddist.Layout("sharded"), ddist.Layout("replicated")
-    assert ddist.route(dk.lmo.Spectral(), replicated) == "owner"
-    assert ddist.route(dk.lmo.Spectral(), ddist.LOCAL) == "local"
-    assert ddist.route(dk.lmo.ColNorm(), replicated) == "local"
-    assert ddist.route(dk.lmo.ColNorm(), sharded) == "reduce"
-    assert ddist.route(dk.lmo.ColNorm(transpose=True), sharded) == "local"
-    assert ddist.route(dk.lmo.RowNorm(), sharded) == "local"
-    assert ddist.route(dk.lmo.Sign(), sharded) == "local"
-    assert ddist.route(dk.lmo.BiasRMS(), sharded) == "reduce"
 
 
 def test_process_group_argument():

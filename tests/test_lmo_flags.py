@@ -109,7 +109,6 @@ def test_line_norms(shape, normalized, transpose, name):
     cls = getattr(L, name)
     for norm in (cls(normalized, transpose), cls(normalized=normalized, transpose=transpose)):
         assert (norm.normalized, norm.transpose) == (normalized, transpose)
-        assert norm.flags() == {"normalized": normalized, "transpose": transpose}
         assert_oracle(norm.lmo(g), oracle.lmo, name, g, normalized=normalized, transpose=transpose)
 
 
@@ -117,8 +116,8 @@ def test_line_norm_defaults():
     g = randn(6, 10)
     assert_oracle(L.ColNorm().lmo(g), oracle.colnorm, g, normalized=False, transpose=False)
     assert_oracle(L.RowNorm().lmo(g), oracle.rownorm, g, normalized=True, transpose=False)
-    assert (L.ColNorm.fused, L.RowNorm.fused, L.Sign.fused, L.BiasRMS.fused) == ("ColNorm", "RowNorm", "Sign", "BiasRMS")
-    assert L.Spectral.fused is None and L.SpectralConv.fused is None and L.Auto.fused is None
+    assert (L.ColNorm.kind, L.RowNorm.kind, L.Sign.kind, L.BiasRMS.kind) == ("line", "line", "sign", "line")
+    assert L.Spectral.kind is None and L.SpectralConv.kind is None and L.Auto.kind is None
 
 
 @pytest.mark.parametrize("normalized", [True, False])
@@ -128,7 +127,7 @@ def test_sign(normalized, zero_init):
     g[0, 0] = 0
     norm = L.Sign(zero_init, normalized)
     assert (norm.zero_init, norm.normalized) == (zero_init, normalized)
-    assert norm.flags() == {"normalized": normalized}
+    assert norm.alpha((6, 10)) == (1 / 10 if normalized else 1.0)
     assert torch.equal(norm.lmo(g), oracle.sign(g, normalized=normalized))
 
 
@@ -141,7 +140,6 @@ def test_sign_defaults():
 def test_bias_rms(shape):
     g = randn(*shape) if shape else torch.tensor(0.7, dtype=torch.float64)
     assert_oracle(L.BiasRMS().lmo(g), oracle.bias_rms, g)
-    assert L.BiasRMS().flags() == {}
 
 
 def test_auto_routes_by_rank_and_passes_its_kwargs():
@@ -191,7 +189,7 @@ def test_spectral_lmo_many(kwargs, monkeypatch):
     shapes = [(3, 12), (12, 3), (3, 12), (5, 5), (3, 12), (12, 3)]
     gs = [randn(*s, seed=i) for i, s in enumerate(shapes)]
     out = L.Spectral(**kwargs, dtype="float64").lmo_many(gs)
-    assert sorted(calls) == sorted([(3, 3, 12), (2, 12, 3), (5, 5)])
+    assert sorted(calls) == sorted([(3, 3, 12), (2, 12, 3), (1, 5, 5)])
     assert len(out) == len(gs)
     for g, u in zip(gs, out):
         assert u.shape == g.shape
@@ -263,8 +261,12 @@ def test_base_norm_is_abstract():
     with pytest.raises(NotImplementedError):
         norm.init(torch.zeros(2, 2))
     with pytest.raises(NotImplementedError):
-        L._NewtonSchulzNorm().scale_for((2, 2))
-    assert norm.flags() == {} and norm.resolve((2, 2)) is norm and norm.ndims == (2,)
+        norm.alpha((2, 2))
+    with pytest.raises(NotImplementedError):
+        L._NewtonSchulzNorm().alpha((2, 2))
+    with pytest.raises(NotImplementedError):
+        L.LineNorm().line_dim((2, 2))
+    assert norm.kind is None and norm.resolve((2, 2)) is norm and norm.ndims == (2,)
 
 
 # -- init ---------------------------------------------------------------------------------------------
@@ -373,16 +375,15 @@ def test_fused_check_backend_asks_about_the_update(monkeypatch):
     seen = []
     monkeypatch.setattr(L, "fused_backend", lambda *args: seen.append(args))
     p, g = torch.zeros(3, 4), torch.ones(3, 4)
-    cases = [(L.ColNorm(), ("ColNorm", False, False)), (L.ColNorm(True, True), ("ColNorm", True, True)),
-             (L.RowNorm(), ("RowNorm", False, True)), (L.RowNorm(False, True), ("RowNorm", True, False)),
-             (L.Sign(normalized=False), ("Sign", False, False)), (L.Sign(), ("Sign", False, True)),
-             (L.BiasRMS(), ("BiasRMS", False, True))]
-    for norm, (fused, transpose, normalized) in cases:
+    cases = [(L.ColNorm(), ("line", -2)), (L.ColNorm(True, True), ("line", -1)), (L.RowNorm(), ("line", -1)),
+             (L.RowNorm(False, True), ("line", -2)), (L.Sign(normalized=False), ("sign", -1)),
+             (L.Sign(), ("sign", -1)), (L.BiasRMS(), ("line", -1))]
+    for norm, (kind, dim) in cases:
         seen.clear()
         norm.check_backend("triton", (3, 4), p, g, "the param")
         (args,) = seen
         assert args[0] == "triton" and args[1][0] is p and args[2][0] is g and len(args[1]) == len(args[2]) == 1
-        assert args[3:] == (None, fused, transpose, normalized, False, "the param"), type(norm).__name__
+        assert args[3:] == (None, kind, [dim], False, "the param"), type(norm).__name__
     seen.clear()
     L.RowNorm().check_backend("auto", (3, 4), p, g)
     assert seen[0][-1] == "g"

@@ -16,7 +16,7 @@ import oracle
 from disco_kernels import lmo as L
 from tolerances import assert_oracle
 
-optim = importlib.import_module("disco_kernels.optim")
+engine = importlib.import_module("disco_kernels.engine")
 
 
 def _p(*shape, seed=0):
@@ -27,8 +27,8 @@ def _p(*shape, seed=0):
 @pytest.fixture
 def spies(monkeypatch):
     """Record the backend that each op is called with, then run it on torch."""
-    seen = {"newton_schulz": [], "fused_update": []}
-    real_ns, real_fused = L.newton_schulz, optim.fused_update
+    seen = {"newton_schulz": [], "fused_update": [], "apply_update": []}
+    real_ns, real_fused, real_apply = L.newton_schulz, engine.fused_update, engine.apply_update
 
     def newton_schulz(G, *args, backend="auto", **kwargs):
         seen["newton_schulz"].append(backend)
@@ -38,8 +38,13 @@ def spies(monkeypatch):
         seen["fused_update"].append(backend)
         return real_fused(*args, backend="torch", **kwargs)
 
+    def apply_update(*args, backend="auto", **kwargs):
+        seen["apply_update"].append(backend)
+        return real_apply(*args, backend="torch", **kwargs)
+
     monkeypatch.setattr(L, "newton_schulz", newton_schulz)
-    monkeypatch.setattr(optim, "fused_update", fused_update)
+    monkeypatch.setattr(engine, "fused_update", fused_update)
+    monkeypatch.setattr(engine, "apply_update", apply_update)
     return seen
 
 
@@ -53,6 +58,7 @@ def test_forced_backend_reaches_every_op(cls, spies):
     opt.step()
     assert spies["newton_schulz"] == ["triton"]
     assert spies["fused_update"] == ["triton", "triton"]  # BiasRMS of b, RowNorm of h
+    assert spies["apply_update"] == ["triton"]  # the Newton-Schulz apply pass of w
 
 
 def _spy_checks(monkeypatch):

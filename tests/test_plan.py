@@ -14,6 +14,7 @@ import torch
 import oracle
 from disco_kernels import distributed as ddist
 from disco_kernels import lmo as L
+from disco_kernels import reference as ref
 from tolerances import assert_oracle
 
 # -- layout (a one-rank process group, so that DTensors exist in this process) ------------------
@@ -48,96 +49,101 @@ def test_layout_of_dtensors(one_rank_group):
             ddist.layout(distribute_tensor(t, mesh2, placements))
 
 
-# -- routes and reductions ----------------------------------------------------------------------
+# -- routes and the line norms' declarations -------------------------------------------------------
 
 SHARDED, REPLICATED = ddist.Layout("sharded"), ddist.Layout("replicated")
 
-# (norm, local route on row shards?) for every flag of every fused norm
+# (norm, local route on row shards of a matrix?) for every flag of every fused norm: local exactly when the
+# lines are rows (a row shard holds whole lines; alpha comes from the full shape)
 SHARD_LOCAL = [
     (L.Sign(), True), (L.Sign(normalized=False), True),
     (L.RowNorm(), True), (L.RowNorm(normalized=False), True),
     (L.RowNorm(transpose=True), False), (L.RowNorm(normalized=False, transpose=True), False),
     (L.ColNorm(), False), (L.ColNorm(normalized=True), False),
-    (L.ColNorm(transpose=True), True), (L.ColNorm(normalized=True, transpose=True), False),
-    (L.BiasRMS(), False),
+    (L.ColNorm(transpose=True), True), (L.ColNorm(normalized=True, transpose=True), True),
 ]
 
 
 @pytest.mark.parametrize("norm,shard_local", SHARD_LOCAL, ids=lambda x: repr(getattr(x, "__dict__", x)))
-def test_shard_local_and_routes_of_fused_norms(norm, shard_local):
+def test_routes_of_fused_norms(norm, shard_local):
     """A fused LMO is local on row shards exactly when each row's result needs only that row."""
-    assert ddist._shard_local(norm) is shard_local
-    assert ddist.route(norm, ddist.LOCAL) == "local"
-    assert ddist.route(norm, REPLICATED) == "local"  # the full gradient is on every rank
-    assert ddist.route(norm, SHARDED) == ("local" if shard_local else "reduce")
+    assert ddist.route(norm, ddist.LOCAL, (6, 10)) == "local"
+    assert ddist.route(norm, REPLICATED, (6, 10)) == "local"  # the full gradient is on every rank
+    assert ddist.route(norm, SHARDED, (6, 10)) == ("local" if shard_local else "reduce")
 
 
-@pytest.mark.parametrize("norm", [L.Spectral(), L.SpectralConv(), L.Auto()])
+def test_routes_of_bias_rms():
+    """A vector is one line, which row shards cut; a scalar cannot be sharded."""
+    assert ddist.route(L.BiasRMS(), SHARDED, (9,)) == "reduce"
+    assert ddist.route(L.BiasRMS(), REPLICATED, (9,)) == "local"
+
+
+@pytest.mark.parametrize("norm", [L.Spectral(), L.SpectralConv(), L.Auto().resolve((3, 4))])
 def test_routes_of_newton_schulz_norms(norm):
-    assert ddist._shard_local(norm) is False
-    assert ddist.route(norm, ddist.LOCAL) == "local"
-    assert ddist.route(norm, REPLICATED) == "owner"
-    assert ddist.route(norm, SHARDED) == "owner"
+    assert ddist.route(norm, ddist.LOCAL, (3, 4, 2)) == "local"
+    assert ddist.route(norm, REPLICATED, (3, 4, 2)) == "owner"
+    assert ddist.route(norm, SHARDED, (3, 4, 2)) == "owner"
 
 
-def test_shard_local_row_shards_really_are_local():
-    """The claim behind ``_shard_local``: the LMO of a row block equals those rows of the full LMO."""
+@pytest.mark.parametrize("norm,shard_local", SHARD_LOCAL[2:], ids=lambda x: repr(getattr(x, "__dict__", x)))
+def test_local_row_shards_really_are_local(norm, shard_local):
+    """The claim behind the local route: the line LMO of a row block, with alpha of the full shape, equals
+    those rows of the full LMO (bitwise: each row's own sums, in the same order)."""
     g = torch.randn(7, 5, dtype=torch.float64)
-    for norm, shard_local in SHARD_LOCAL:
-        if isinstance(norm, L.BiasRMS):
-            continue
-        kwargs = {k: v for k, v in vars(norm).items() if k in ("normalized", "transpose")}
-        name = type(norm).__name__
-        full = oracle.lmo(name, g, **kwargs)
-        rows = torch.cat([oracle.lmo(name, g[:3], **kwargs), oracle.lmo(name, g[3:], **kwargs)])
-        # a line-local LMO takes each row's own sums, in the same order: the row blocks are bitwise the full LMO's
-        assert torch.equal(rows, full) is shard_local, (name, kwargs)
+    kwargs = {k: v for k, v in vars(norm).items() if k in ("normalized", "transpose")}
+    dim, alpha = norm.line_dim(g.shape), norm.alpha(g.shape)
+    rows = torch.cat([ref.line_lmo(g[:3], dim, alpha), ref.line_lmo(g[3:], dim, alpha)])
+    assert torch.equal(rows, ref.line_lmo(g, dim, alpha)) is shard_local, kwargs
+    assert_oracle(ref.line_lmo(g, dim, alpha), oracle.lmo, type(norm).__name__, g, **kwargs)
 
 
-# (norm, (dim, mult)) on a (6, 10) g: m = 6 rows (d_out), n = 10 columns (d_in)
+# (norm, (line dim, alpha)) on a (6, 10) g: m = 6 rows (d_out), n = 10 columns (d_in), worked out from the
+# reference's formulas (DESIGN.md): ColNorm divides by ||col|| / sqrt(d_out) (times d_in if normalized), ...
 M, N = 6, 10
-REDUCTIONS = [
-    (L.ColNorm(), (0, 1 / math.sqrt(M))),
-    (L.ColNorm(normalized=True), (0, N / math.sqrt(M))),
-    (L.ColNorm(transpose=True), (1, 1 / math.sqrt(N))),
-    (L.ColNorm(normalized=True, transpose=True), (1, M / math.sqrt(N))),
-    (L.RowNorm(), (1, math.sqrt(N))),
-    (L.RowNorm(normalized=False), (1, 1.0)),
-    (L.RowNorm(transpose=True), (0, math.sqrt(M))),
-    (L.RowNorm(normalized=False, transpose=True), (0, 1.0)),
+DECLARATIONS = [
+    (L.ColNorm(), (-2, 1 / math.sqrt(M))),
+    (L.ColNorm(normalized=True), (-2, N / math.sqrt(M))),
+    (L.ColNorm(transpose=True), (-1, 1 / math.sqrt(N))),
+    (L.ColNorm(normalized=True, transpose=True), (-1, M / math.sqrt(N))),
+    (L.RowNorm(), (-1, math.sqrt(N))),
+    (L.RowNorm(normalized=False), (-1, 1.0)),
+    (L.RowNorm(transpose=True), (-2, math.sqrt(M))),
+    (L.RowNorm(normalized=False, transpose=True), (-2, 1.0)),
 ]
 
 
-@pytest.mark.parametrize("norm,want", REDUCTIONS, ids=lambda x: repr(getattr(x, "__dict__", x)))
-def test_reduction_values(norm, want):
-    dim, mult = ddist.reduction(norm, (M, N))
-    assert dim == want[0]
-    assert mult == want[1]  # the same formula on the same ints
+@pytest.mark.parametrize("norm,want", DECLARATIONS, ids=lambda x: repr(getattr(x, "__dict__", x)))
+def test_line_declarations(norm, want):
+    assert norm.kind == "line"
+    assert norm.line_dim((M, N)) == want[0]
+    assert norm.alpha((M, N)) == pytest.approx(want[1], rel=1e-15)
 
 
-@pytest.mark.parametrize("norm,_", REDUCTIONS, ids=lambda x: repr(getattr(x, "__dict__", x)))
-def test_reduction_is_the_lmo(norm, _):
-    """g / (sqrt(sum of g² over dim) * mult + 1e-8) is the oracle's LMO, zero lines included."""
+@pytest.mark.parametrize("norm,_", DECLARATIONS, ids=lambda x: repr(getattr(x, "__dict__", x)))
+def test_declaration_is_the_lmo(norm, _):
+    """g / (sqrt(sum of g² along the line dim) * alpha + 1e-8) is the oracle's LMO, zero lines included."""
     g = torch.randn(M, N, dtype=torch.float64)
     g[2] = 0
     g[:, 7] = 0
-    dim, mult = ddist.reduction(norm, g.shape)
-    got = g / (g.square().sum(dim, keepdim=True).sqrt() * mult + 1e-8)
+    dim, alpha = norm.line_dim(g.shape), norm.alpha(g.shape)
+    got = g / (g.square().sum(dim, keepdim=True).sqrt() * alpha + 1e-8)
     assert_oracle(got, oracle.lmo, type(norm).__name__, g, normalized=norm.normalized, transpose=norm.transpose)
+    assert_oracle(norm.lmo(g), oracle.lmo, type(norm).__name__, g, normalized=norm.normalized,
+                  transpose=norm.transpose)
 
 
 @pytest.mark.parametrize("n", [1, 9, 16])
-def test_reduction_of_bias_rms(n):
-    dim, mult = ddist.reduction(L.BiasRMS(), (n,))
-    assert dim == 0 and mult == 1 / math.sqrt(n)  # the same formula
+def test_declaration_of_bias_rms(n):
+    norm = L.BiasRMS()
+    assert norm.kind == "line" and norm.line_dim((n,)) == -1 and norm.alpha((n,)) == 1 / math.sqrt(n)
     g = torch.randn(n, dtype=torch.float64)
-    assert_oracle(g / (g.square().sum().sqrt() * mult + 1e-8), oracle.bias_rms, g)
+    assert_oracle(g / (g.square().sum().sqrt() * norm.alpha(g.shape) + 1e-8), oracle.bias_rms, g)
 
 
-@pytest.mark.parametrize("norm", [L.Sign(), L.Spectral(), L.Auto()])
-def test_reduction_of_other_norms_raises(norm):
-    with pytest.raises(TypeError, match=f"^{type(norm).__name__} has no row/column reduction$"):
-        ddist.reduction(norm, (3, 4))
+@pytest.mark.parametrize("normalized", [True, False])
+def test_declaration_of_sign(normalized):
+    norm = L.Sign(normalized=normalized)
+    assert norm.kind == "sign" and norm.alpha((3, 8)) == (1 / 8 if normalized else 1.0)
 
 
 # -- Newton-Schulz cost and owners -------------------------------------------------------------------

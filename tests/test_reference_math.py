@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import oracle
+from disco_kernels import lmo as L
 from disco_kernels import reference as ref
 from tolerances import assert_close, assert_oracle, rel_err
 
@@ -272,46 +273,61 @@ def _with_zero_lines(shape):
 @pytest.mark.parametrize("shape", LINE_SHAPES)
 @pytest.mark.parametrize("normalized", [True, False])
 @pytest.mark.parametrize("transpose", [True, False])
-@pytest.mark.parametrize("ours,exact", [(ref.lmo_colnorm, oracle.colnorm), (ref.lmo_rownorm, oracle.rownorm)],
+@pytest.mark.parametrize("ours,exact", [(L.ColNorm, oracle.colnorm), (L.RowNorm, oracle.rownorm)],
                          ids=["colnorm", "rownorm"])
 def test_line_lmos(ours, exact, shape, normalized, transpose):
-    """Each matrix of a batch, zero lines included."""
+    """reference.line_lmo with each norm's declared dim and alpha, on each matrix of a batch, zero lines
+    included."""
     g = _with_zero_lines(shape)
-    assert_oracle(ours(g, normalized, transpose), lambda g: torch.stack(
+    norm = ours(normalized, transpose)
+    got = ref.line_lmo(g, norm.line_dim(shape), norm.alpha(shape))
+    assert_oracle(got, lambda g: torch.stack(
         [exact(x, normalized, transpose) for x in g.reshape(-1, *shape[-2:])]).reshape(shape), g)
 
 
 def test_line_norm_defaults():
     g = randn(6, 10)
-    assert_oracle(ref.lmo_colnorm(g), oracle.colnorm, g, normalized=False, transpose=False)
-    assert_oracle(ref.lmo_rownorm(g), oracle.rownorm, g, normalized=True, transpose=False)
+    assert_oracle(L.ColNorm().lmo(g), oracle.colnorm, g, normalized=False, transpose=False)
+    assert_oracle(L.RowNorm().lmo(g), oracle.rownorm, g, normalized=True, transpose=False)
 
 
-@pytest.mark.parametrize("fn", [ref.lmo_colnorm, ref.lmo_rownorm])
-def test_line_norm_eps_is_1e_minus_8(fn):
+def test_line_eps_is_1e_minus_8():
+    """The reference's epsilon, in one place."""
+    assert ref.LINE_EPS == 1e-8
+
+
+@pytest.mark.parametrize("norm,exact", [(L.ColNorm(), oracle.colnorm), (L.RowNorm(), oracle.rownorm)])
+def test_line_norm_eps_acts(norm, exact):
     """Lines of norm ~1e-8: the result is g / (norm + 1e-8), about half of a unit line."""
     g = randn(4, 4)
     g = g / g.norm(dim=0, keepdim=True) / g.norm(dim=1, keepdim=True) * 1e-8
-    assert_oracle(fn(g), oracle.colnorm if fn is ref.lmo_colnorm else oracle.rownorm, g)
+    assert_oracle(norm.lmo(g), exact, g)
+
+
+def test_line_lmo_takes_known_norms():
+    """``norm``: the lines' norms when known (summed across shards) are used instead of g's own."""
+    g = randn(3, 5)
+    assert torch.equal(ref.line_lmo(g, -1, 2.0, torch.full((3, 1), 4.0, dtype=torch.float64)), g / (8 + 1e-8))
 
 
 @pytest.mark.parametrize("shape", [(6, 10), (1, 1), (3, 2, 5)])
 def test_lmo_sign(shape):
     g = randn(*shape)
     g[..., 0, 0] = 0
-    assert torch.equal(ref.lmo_sign(g), torch.sign(g) / shape[-1])
-    assert torch.equal(ref.lmo_sign(g, normalized=False), torch.sign(g))
+    assert torch.equal(ref.sign_lmo(g, 1 / shape[-1]), torch.sign(g) / shape[-1])
+    assert torch.equal(ref.sign_lmo(g, 1.0), torch.sign(g))
     matrix = g if len(shape) == 2 else g[0]
-    assert torch.equal(ref.lmo_sign(matrix, True), oracle.sign(matrix, normalized=True))
+    assert torch.equal(L.Sign().lmo(matrix), oracle.sign(matrix, normalized=True))
 
 
-@pytest.mark.parametrize("shape", [(9,), (1,), (5, 3), ()])
+@pytest.mark.parametrize("shape", [(9,), (1,), ()])
 def test_lmo_bias_rms(shape):
     g = randn(*shape) if shape else torch.tensor(-0.3, dtype=torch.float64)
-    assert_oracle(ref.lmo_bias_rms(g), oracle.bias_rms, g)
+    bias_rms = L.BiasRMS().lmo
+    assert_oracle(bias_rms(g), oracle.bias_rms, g)
     tiny = g * 1e-9  # the 1e-8 is comparable
-    assert_oracle(ref.lmo_bias_rms(tiny), oracle.bias_rms, tiny)
-    assert ref.lmo_bias_rms(torch.zeros(shape, dtype=torch.float64)).abs().max() == 0
+    assert_oracle(bias_rms(tiny), oracle.bias_rms, tiny)
+    assert bias_rms(torch.zeros(shape, dtype=torch.float64)).abs().max() == 0
 
 
 # -- the update -------------------------------------------------------------------------------------------
