@@ -81,28 +81,32 @@ def specs(full=False):
         out.append(spec(f"pi._finish_kernel[{dt}]", pi._finish_kernel, w, {"BN": 1024}))
 
         # fused update: not autotuned, one launch setting per kernel; the flags split between the variants
-        # so that each branch (buf or not, light or not, unit or strided columns) is compiled at least once
-        t = {"tab": "*i64", "colsq_ptr": "*fp32", "p_base": f"*{dt}", "g_base": f"*{dt}", "b_base": f"*{dt}",
-             "decay": "fp32", "step": "fp32", "momentum": "fp32", "gdecay": "fp32"}
-        scion = dict(NORMALIZED=True, HAS_BUF=True, LIGHT_DECAY=False, UNIT_C=True, ALIGN=16 // DTYPE_SIZE[dt],
+        # so that each branch (buf or not, light or not, unconstrained or not, hyper-parameters from memory or
+        # not, unit or strided columns, each kind) is compiled at least once; p in fp32 beside dt g and buf
+        # (the roles' dtypes may differ: per-role alignment)
+        t = {"tab": "*i64", "colsq_ptr": "*fp64", "p_base": "*fp32", "g_base": f"*{dt}", "b_base": f"*{dt}",
+             "hyper": "*fp32", "lr": "fp32", "momentum": "fp32", "scale": "fp32"}
+        align = dict(P_ALIGN=4, G_ALIGN=16 // DTYPE_SIZE[dt], B_ALIGN=16 // DTYPE_SIZE[dt], C_ALIGN=16 // DTYPE_SIZE[dt])
+        scion = dict(HAS_BUF=True, LIGHT_DECAY=False, UNCONSTRAINED=False, HYPER=True, UNIT_C=True, **align,
                      LOG_T=4)
-        light = dict(scion, HAS_BUF=False, LIGHT_DECAY=True, UNIT_C=False, ALIGN=1)
+        light = dict(scion, HAS_BUF=False, LIGHT_DECAY=True, UNCONSTRAINED=True, HYPER=False, UNIT_C=False,
+                     **dict.fromkeys(align, 1))
         tile = dict(BR=fu.TILE_BR, BC=fu.TILE_BC, LOOP=fu.TILE_LOOP)
         row = dict(BC=fu.CMAX, BR=max(1, fu.ROW_ELEMS // fu.CMAX))
         cfg = triton.Config({}, num_warps=fu.TILE_WARPS)
-        variants = [(0, "Sign", scion), (1, "ColNorm", scion), (2, "ColNorm", light)]
+        variants = [(0, "sign", scion), (0, "scaled", light), (1, "line", scion), (2, "line", light)]
         if full:
-            variants += [(0, "Sign", light), (1, "RowNorm", light), (2, "RowNorm", scion)]
-        for mode, lmo, flags in variants:
-            out.append(spec(f"fu._tile_kernel[{dt},MODE={mode},{lmo},light={flags['LIGHT_DECAY']}]", fu._tile_kernel,
-                            t, dict(flags, **tile, MODE=mode, LMO=lmo), cfg))
+            variants += [(0, "sign", light), (0, "scaled", scion), (1, "line", light), (2, "line", scion)]
+        for mode, kind, flags in variants:
+            out.append(spec(f"fu._tile_kernel[{dt},MODE={mode},{kind},light={flags['LIGHT_DECAY']}]", fu._tile_kernel,
+                            t, dict(flags, **tile, MODE=mode, KIND=kind), cfg))
         cfg = triton.Config({}, num_warps=fu.ROW_WARPS)
-        variants = [(True, "RowNorm", light), (False, "ColNorm", scion)]
+        variants = [(True, light), (False, scion)]
         if full:
-            variants += [(True, "BiasRMS", scion), (False, "BiasRMS", light)]
-        for one_pass, lmo, flags in variants:
-            out.append(spec(f"fu._row_kernel[{dt},ONE_PASS={one_pass},{lmo},light={flags['LIGHT_DECAY']}]",
-                            fu._row_kernel, t, dict(flags, **row, LMO=lmo, ONE_PASS=one_pass), cfg))
+            variants += [(True, scion), (False, light)]
+        for one_pass, flags in variants:
+            out.append(spec(f"fu._row_kernel[{dt},ONE_PASS={one_pass},light={flags['LIGHT_DECAY']}]",
+                            fu._row_kernel, t, dict(flags, **row, ONE_PASS=one_pass), cfg))
     return out + [ints_one(s) for s in out]
 
 

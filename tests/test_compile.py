@@ -13,12 +13,16 @@ per dtype, the shapes fixed), and each graph is small.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import disco_kernels as dk
 import oracle
 from tolerances import assert_close
+
+apply_update = importlib.import_module("disco_kernels.ops.fused_update").apply_update
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 JORDAN = [3.4445, -4.775, 2.0315]
@@ -81,9 +85,10 @@ SHAPES = [(5, 7), (6, 4), (7, 3), (9,)]
 
 
 def _fused(ps, gs, bs):
-    """Each LMO once, each mutation kind once; reads of p and g after the updates."""
+    """Each LMO once, each mutation kind once, an apply pass; reads of p and g after the updates."""
     dk.ops.fused_update(ps[:1], gs[:1], bs[:1], lmo="Sign", lr=0.1, momentum=0.5, scale=2.0, normalized=False)
     dk.ops.fused_update(ps[1:2], gs[1:2], None, lmo="RowNorm", lr=0.1, transpose=True)
+    apply_update(ps[1:2], bs[1:2], [0.5], lr=0.1, scale=2.0)  # (bs[1] only read)
     dk.ops.fused_update(ps[2:3], gs[2:3], None, lmo="ColNorm", lr=0.1, momentum=0.5, normalized=False, light=True)
     dk.ops.fused_update(ps[3:], gs[3:], bs[3:], lmo="BiasRMS", lr=0.1, momentum=0.5, unconstrained=True)
     return ps[0] * 2, gs[2] * 2  # exact in every dtype: the graph must read the mutated values
@@ -94,8 +99,9 @@ _fused_compiled = torch.compile(_fused, fullgraph=True)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_update_inductor(dtype):
-    """Sign with a momentum buffer, RowNorm(transpose) without, ColNorm as ScionLight (grads decay),
-    BiasRMS unconstrained: params, buffers and grads mutated in place as eager, bit for bit, twice."""
+    """Sign with a momentum buffer, RowNorm(transpose) without and an apply pass after it, ColNorm as
+    ScionLight (grads decay), BiasRMS unconstrained: params, buffers and grads mutated in place as eager,
+    bit for bit, twice."""
     tensors = [[torch.randn(s, dtype=torch.float64).to(dtype) for s in SHAPES] for _ in range(3)]
     compiled, eager = [[t.clone() for t in ts] for ts in tensors], [[t.clone() for t in ts] for ts in tensors]
     for _ in range(2):  # the second step starts from mutated buffers and decayed grads
@@ -109,6 +115,46 @@ def test_fused_update_inductor(dtype):
     for role, cs, before in zip(("params", "grads", "bufs"), compiled, tensors):
         for k, (c, b) in enumerate(zip(cs, before)):
             assert torch.equal(c, b) != (k in moved[role]), f"{role}[{k}] {dtype}"
+
+
+def _hyper_step(ps, gs, bs, xs, lr, momentum):
+    """A fused update and an apply pass whose lr (and momentum) a schedule changes."""
+    dk.ops.fused_update(ps[:2], gs[:2], bs[:2], lmo="ColNorm", lr=lr, momentum=momentum, scale=2.0)
+    dk.ops.fused_update(ps[2:], gs[2:], None, lmo=dk.lmo.Sign(), lr=lr, momentum=momentum, light=True)
+    apply_update(ps[:2], xs, [0.5, 2.0], lr=lr, scale=1.5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_tensor_hyper_parameters_do_not_recompile(backend):
+    """torch.compile(fullgraph=True) of a step with lr and momentum as 0-d tensors: five schedule values,
+    one compile (the numbers recompile on each new value: the counter sees compiles), each step as eager
+    with the numbers, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(5, 7), (6, 4), (3, 8)]
+    tensors = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    xs = [torch.randn(s, generator=gen).bfloat16() for s in shapes[:2]]
+    compiled, eager = ([[t.clone() for t in ts] for ts in tensors] for _ in range(2))
+    compiles = []
+
+    def counting(gm, inputs):
+        compiles.append(gm)
+        return gm.forward if backend == "eager" else torch._inductor.compile_fx.compile_fx(gm, inputs)
+
+    step = torch.compile(_hyper_step, fullgraph=True, backend=counting)
+    lr, momentum = torch.tensor(0.1), torch.tensor(0.5)
+    torch._dynamo.utils.counters.clear()
+    for v_lr, v_m in ((0.1, 0.5), (0.2, 0.25), (0.05, 1.0), (0.3, 0.125), (0.125, 0.75)):
+        lr.fill_(v_lr)
+        momentum.fill_(v_m)
+        step(*compiled, xs, lr, momentum)
+        _hyper_step(*eager, xs, lr.item(), momentum)  # (a tensor momentum: ScionLight decays g even at 1)
+        for role, cs, es in zip(("params", "grads", "bufs"), compiled, eager):
+            assert all(torch.equal(c, e) for c, e in zip(cs, es)), (role, v_lr, v_m)
+    assert len(compiles) == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    if backend == "eager":  # the contrast: numbers are constants of the graph
+        for v_lr in (0.1, 0.2, 0.05):
+            step(*compiled, xs, v_lr, momentum)
+        assert len(compiles) == 4
 
 
 # -- one compiled Scion step ---------------------------------------------------------------------------
@@ -181,11 +227,15 @@ OPCHECK_CASES = {
         (torch.randn(2, 5, 7), torch.ones(2, 7) / 7 ** 0.5, 2, "torch"),
         (torch.randn(6, 4, dtype=torch.bfloat16), torch.ones(4) / 2, 1, "torch"),  # sigma and v in fp32
     ],
-    "fused_update": [  # params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light
-        (*_lists([(5, 7), (3, 4)]), "RowNorm", 0.1, 0.5, 2.0, False, True, False, False, "torch"),  # bufs
-        (*_lists([(5, 7)])[:2], [], "ColNorm", 0.1, 0.5, 1.0, False, False, True, True, "torch"),  # grads
-        (*_lists([(4, 4)], torch.bfloat16)[:2], [], "Sign", 0.1, 1.0, 1.0, True, True, False, False, "torch"),
-        (*_lists([(6,), ()]), "BiasRMS", 0.1, 0.9, 1.0, False, True, False, False, "torch"),
+    "fused_update": [  # params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light
+        (*_lists([(5, 7), (3, 4)]), "line", [-1, -2], [2.0, 0.5], 0.1, 0.5, 2.0, None, False, False, "torch"),  # bufs
+        (*_lists([(5, 7)])[:2], [], "line", [-2], [1.5], 0.1, 0.5, 1.0, None, False, True, "torch"),  # grads
+        (*_lists([(4, 4)], torch.bfloat16)[:2], [], "sign", [-1], [0.25], 0.1, 1.0, 1.0, None, True, False, "torch"),
+        (*_lists([(6,), ()]), "line", [-1, -1], [0.4, 1.0], 0.1, 0.9, 1.0, None, False, False, "torch"),
+        (*_lists([(5, 7), (3, 4)]), "line", [-1, -1], [2.0, 0.5], float("nan"), 0.5, float("nan"),
+         torch.tensor([0.1, 0.5, 2.0]), False, False, "torch"),  # hyper-parameters from a tensor
+        ([torch.randn(5, 7)], [torch.randn(5, 7, dtype=torch.bfloat16)], [], "scaled", [-1], [0.5], 0.1, 1.0, 1.0,
+         None, False, False, "torch"),  # the apply pass, X in another dtype
     ],
 }
 

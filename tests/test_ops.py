@@ -1,6 +1,9 @@
 """Ops through their public functions and custom ops: the torch backend against the independent oracle
 under the tolerance rule, dispatch errors, and forced backends under torch.compile(fullgraph=True)
 (inductor and opcheck: test_compile.py)."""
+import importlib
+import math
+
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # error is that one trajectory's rounding luck, so rank-1 shapes are checked in fp32 and fp64 only.
 NS_CASES = ([(s, d) for s in [(7, 129), (129, 7), (3, 7, 129), (2, 16, 16)] for d in DTYPES]
             + [(s, d) for s in [(1, 1), (16, 1, 1), (1, 129), (129, 1)] for d in (torch.float32, torch.float64)])
+apply_update = importlib.import_module("disco_kernels.ops.fused_update").apply_update  # (dk.ops.fused_update is the function)
 BACKENDS = ["auto"] + dk.available_backends("cpu")  # + "triton" where it is interpreted
 SCHEDULES = [("jordan", 5), ("polar_express", 5), ("polar_express", 7), ([(3.0, -3.2, 1.2)], 5),
              ([(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)], 3), ("jordan", 0)]
@@ -198,17 +202,155 @@ def test_fused_update_fp16_zero_and_large_lines(lmo, backend):
     """fp16 g with a zero line and entries past sqrt(fp16 max): line norms in fp32 (as the kernels take
     them) keep the update finite where fp16 math gives 0 / 0 (1e-8 rounds to 0) or g² = inf; within the
     rule against the plain computation in fp32 (fp16's own is not finite)."""
-    p = torch.randn(9, 16).half()
-    g = torch.randn(9, 16).half()
-    g[:, 2] = g[4] = 0  # a zero column and a zero row
-    g[1, 5] = 300.0
+    shape = (144,) if lmo == "BiasRMS" else (9, 16)
+    p = torch.randn(shape).half()
+    g = torch.randn(shape).half()
+    if lmo == "BiasRMS":  # one line: large, then (second call) zero
+        g[5] = 300.0
+    else:
+        g[:, 2] = g[4] = 0  # a zero column and a zero row
+        g[1, 5] = 300.0
     step = dict(lr=0.1, momentum=1.0, scale=1.0, unconstrained=False, light=False)
     flags = {"normalized": True, "transpose": False} if lmo != "BiasRMS" else {}
-    exact = fused_oracle(lmo, flags, [p.double()], [g.double()], [None], **step)[0][0]
-    plain = fused_oracle(lmo, flags, [p.float()], [g.float()], [None], **step)[0][0]
-    dk.ops.fused_update([p], [g], None, lmo=lmo, lr=0.1, backend=backend)
-    assert p.isfinite().all()
-    assert_close(p, exact, plain.half(), torch.float16)
+    for g in (g, torch.zeros_like(g)) if lmo == "BiasRMS" else (g,):
+        exact = fused_oracle(lmo, flags, [p.double()], [g.double()], [None], **step)[0][0]
+        plain = fused_oracle(lmo, flags, [p.float()], [g.float()], [None], **step)[0][0]
+        q = p.clone()
+        dk.ops.fused_update([q], [g], None, lmo=lmo, lr=0.1, backend=backend)
+        assert q.isfinite().all()
+        assert_close(q, exact, plain.half(), torch.float16)
+
+
+# -- tensor hyper-parameters ---------------------------------------------------------------------------
+
+HYPER_CASES = [("RowNorm", [(7, 33), (1, 5)]), ("ColNorm", [(7, 33), (40, 3)]), ("Sign", [(7, 33), (2, 2)]),
+               ("BiasRMS", [(33,), ()])]
+NUMBERS = dict(lr=float(torch.tensor(0.1)), momentum=0.375, scale=2.5)  # fp32 numbers: a tensor holds them exactly
+
+
+def _fused_run(lmo, shapes, backend, light, **step):
+    """One fused_update of fresh (seeded) tensors: the (params, grads, bufs) after it."""
+    gen = torch.Generator().manual_seed(5)
+    ps, gs, bs = ([torch.randn(s, generator=gen) for s in shapes] for _ in range(3))
+    dk.ops.fused_update(ps, gs, bs, lmo=lmo, backend=backend, light=light, **step)
+    return ps, gs, bs
+
+
+@pytest.mark.parametrize("backend", dk.available_backends("cpu"))
+@pytest.mark.parametrize("lmo,shapes", HYPER_CASES, ids=[c[0] for c in HYPER_CASES])
+@pytest.mark.parametrize("which", ["lr", "momentum", "scale", "all"])
+def test_tensor_hyper_parameters_are_the_numbers(backend, lmo, shapes, which):
+    """lr, momentum, scale as CPU 0-d tensors (fp32 or fp64) give the numbers they hold, bit for bit, on
+    every backend: params, momentum buffers and ScionLight's carried grads."""
+    names = list(NUMBERS) if which == "all" else [which]
+    for light in (False, True):
+        want = _fused_run(lmo, shapes, backend, light, **NUMBERS)
+        for dtype in (torch.float32, torch.float64):
+            tensors = {k: torch.tensor(v, dtype=dtype) if k in names else v for k, v in NUMBERS.items()}
+            got = _fused_run(lmo, shapes, backend, light, **tensors)
+            for role, gs, ws in zip(("params", "grads", "bufs"), got, want):
+                for k, (g, w) in enumerate(zip(gs, ws)):
+                    assert torch.equal(g, w), f"{role}[{k}] light={light} {dtype}"
+            assert all(tensors[k].item() == NUMBERS[k] for k in names)  # read, never written
+
+
+@pytest.mark.parametrize("backend", dk.available_backends("cpu"))
+def test_schedule_writes_into_the_tensors(backend):
+    """The same tensors, written between steps (as a schedule does), give each step the new values."""
+    lr, scale = torch.tensor(0.25), torch.tensor(1.0)
+    for v_lr, v_scale in ((0.25, 1.0), (0.0625, 3.0), (0.0, 0.5)):
+        lr.fill_(v_lr)
+        scale.copy_(torch.tensor(v_scale))
+        got = _fused_run("RowNorm", [(7, 33)], backend, False, lr=lr, momentum=0.5, scale=scale)
+        want = _fused_run("RowNorm", [(7, 33)], backend, False, lr=v_lr, momentum=0.5, scale=v_scale)
+        assert all(torch.equal(g, w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)), (v_lr, v_scale)
+    assert not torch.equal(_fused_run("RowNorm", [(7, 33)], backend, False, lr=0.25, momentum=0.5)[0][0],
+                           _fused_run("RowNorm", [(7, 33)], backend, False, lr=0.0625, momentum=0.5)[0][0])
+
+
+@pytest.mark.parametrize("backend", dk.available_backends("cpu"))
+def test_tensor_momentum_of_one(backend):
+    """A tensor momentum is a schedule's: ScionLight decays g by 1 - momentum even at 1 (g becomes 0),
+    where the number 1 leaves g alone (also beside a tensor lr); with bufs, momentum 1 makes the buffer g."""
+    g0 = _fused_run("Sign", [(7, 33)], backend, True, lr=0.0, momentum=0.0)[1][0]  # the draw, untouched
+    for lr, momentum, grads_after in ((0.1, 1.0, "kept"), (torch.tensor(0.1), 1.0, "kept"),
+                                      (0.1, torch.tensor(1.0), "zero"), (torch.tensor(0.1), torch.tensor(1.0), "zero")):
+        ps, gs, bs = _fused_run("Sign", [(7, 33)], backend, True, lr=lr, momentum=momentum)
+        assert torch.equal(gs[0], g0 if grads_after == "kept" else torch.zeros_like(g0)), (lr, momentum)
+    ps, gs, bs = _fused_run("Sign", [(7, 33)], backend, False, lr=0.1, momentum=torch.tensor(1.0))
+    assert torch.equal(bs[0], gs[0])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.tensor([0.1]), r"^lr must be a real number or a 0-d floating-point tensor, got a tensor of shape \(1,\)"),
+    (torch.tensor(1), "^lr must be a real number or a 0-d floating-point tensor"),
+    (torch.tensor(-0.1), "^lr must be a finite number >= 0"),
+    (torch.tensor(float("nan")), "^lr must be a finite number >= 0"),
+])
+def test_bad_tensor_hyper_parameters(bad, match):
+    p = [torch.zeros(3, 3)]
+    with pytest.raises((TypeError, ValueError), match=match):
+        dk.ops.fused_update(p, p, lmo="Sign", lr=bad)
+    with pytest.raises((TypeError, ValueError), match=match):
+        apply_update(p, p, [1.0], lr=bad)
+
+
+# -- apply_update: the Newton-Schulz apply pass ----------------------------------------------------------
+
+def apply_oracle(ps, xs, alphas, *, lr, scale, unconstrained, dtype):
+    """p (1 - lr) [unless unconstrained] - lr scale alpha X, computed in ``dtype`` from the same inputs."""
+    return [(p.to(dtype) if unconstrained else p.to(dtype) * (1 - lr)) - lr * scale * a * x.to(dtype)
+            for p, x, a in zip(ps, xs, alphas)]
+
+
+def _ns_like_updates(dtype):
+    """bf16 "Newton-Schulz results" as the optimizer holds them: views of batches, one transposed (a tall
+    matrix's), one a conv kernel's (c_out, c_in, k, k) view of its (c_out, c_in k²) matrix."""
+    gen = torch.Generator().manual_seed(11)
+    batch = torch.randn(3, 7, 33, generator=gen).to(dtype)
+    tall = torch.randn(2, 9, 40, generator=gen).to(dtype)
+    conv = torch.randn(6, 4 * 9, generator=gen).to(dtype)
+    return [batch[0], batch[2], tall[1].mT, conv.view(6, 4, 3, 3), torch.randn(5, generator=gen).to(dtype)]
+
+
+@pytest.mark.parametrize("backend", dk.available_backends("cpu"))
+@pytest.mark.parametrize("p_dtype,x_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float32), (torch.float64, torch.bfloat16)])
+@pytest.mark.parametrize("unconstrained", [False, True])
+@pytest.mark.parametrize("tensors", [False, True])
+def test_apply_update(backend, p_dtype, x_dtype, unconstrained, tensors):
+    """p = p (1 - lr) - lr scale alpha_i X_i for updates of another dtype than the params (fp32 master
+    weights, bf16 Newton-Schulz), strided and conv-shaped views, numbers or tensor lr and scale: params within
+    the rule against the restatement in fp64 and in the params' dtype (X widened exactly), X only read."""
+    xs = _ns_like_updates(x_dtype)
+    x_in = [x.clone() for x in xs]
+    gen = torch.Generator().manual_seed(12)
+    ps = [(torch.randn(x.shape, generator=gen) * 0.05).to(p_dtype) for x in xs]  # |p| ~ |lr scale alpha X|
+    p_in = [p.clone() for p in ps]
+    alphas = [math.sqrt(7 / 33), 0.5, math.sqrt(40 / 9), 1 / 3, 2.0]
+    lr, scale = 0.1, 0.25
+    apply_update(ps, xs, alphas, lr=torch.tensor(lr) if tensors else lr,
+                        scale=torch.tensor(scale) if tensors else scale, unconstrained=unconstrained, backend=backend)
+    step = dict(lr=float(torch.tensor(lr)) if tensors else lr, scale=scale, unconstrained=unconstrained)
+    exact = apply_oracle(p_in, x_in, alphas, **step, dtype=torch.float64)
+    plain = apply_oracle(p_in, x_in, alphas, **step, dtype=plain_dtype(p_dtype))
+    for k, (p, e, pl) in enumerate(zip(ps, exact, plain)):
+        assert p.dtype == p_dtype and p.shape == xs[k].shape
+        assert_close(p, e, pl, p_dtype, what=f"params[{k}] {tuple(p.shape)}")
+    assert all(torch.equal(x, x0) for x, x0 in zip(xs, x_in))
+
+
+def test_apply_update_errors():
+    p = [torch.zeros(3, 3)]
+    with pytest.raises(ValueError, match=r"^params, updates and alphas must have equal lengths, got 1, 1, 2$"):
+        apply_update(p, p, [1.0, 2.0], lr=0.1)
+    with pytest.raises(TypeError, match="^alphas must be a list of numbers, got Tensor$"):
+        apply_update(p, p, torch.ones(1), lr=0.1)
+    with pytest.raises(ValueError, match=r"^alphas\[0\] must be a finite number, got inf$"):
+        apply_update(p, p, [math.inf], lr=0.1)
+    with pytest.raises(ValueError, match=r"^updates\[0\] \(shape \(3,\), cpu\) must have the shape and device of "):
+        apply_update(p, [torch.zeros(3)], [1.0], lr=0.1)
+    apply_update([], [], [], lr=0.1)  # nothing to do
 
 
 def test_fused_update_errors():

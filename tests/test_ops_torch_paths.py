@@ -3,12 +3,14 @@
 newton_schulz: every schedule, steps, dtype (and the fp32 / fp64 accumulation of the norm), tall,
 batched and non-contiguous input. power_iteration: warm and default starts, iterations, dtypes.
 fused_update: every LMO and flag, momentum, ScionLight, unconstrained, scale, lr, and the helpers
-``lmo_fn``, ``momentum_`` and ``apply_update_``. fp64 agrees to a few ulps; other dtypes follow the
+``direction`` (u of each kind from kind, line dim and alpha alone), ``momentum_``, ``apply_update_`` and
+``read_hyper`` (numbers or 0-d tensors). fp64 agrees to a few ulps; other dtypes follow the
 rule of tests/tolerances.py against the oracle run in that dtype.
 """
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ ns_mod = importlib.import_module("disco_kernels.ops.newton_schulz")
 
 
 def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 # -- newton_schulz -------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ FUSED = [  # lmo, flags, shapes
     ("RowNorm", {"normalized": False, "transpose": True}, [(6, 10)]),
     ("ColNorm", {"normalized": True, "transpose": True}, [(6, 10), (10, 6)]),
     ("ColNorm", {"normalized": False, "transpose": False}, [(6, 10)]),
-    ("BiasRMS", {}, [(7,), (1,), (3, 4)]),
+    ("BiasRMS", {}, [(7,), (1,), ()]),
 ]
 
 
@@ -267,23 +269,45 @@ def test_fused_update_low_precision(dtype, lmo, flags):
     assert_close(p2, exact, plain, dtype)
 
 
-@pytest.mark.parametrize("lmo,flags", [("RowNorm", (True, True)), ("RowNorm", (False, False)),
-                                       ("ColNorm", (True, False)), ("ColNorm", (False, True)),
-                                       ("Sign", (True, False)), ("Sign", (False, False)), ("BiasRMS", (True, False))])
+DIRECTIONS = [  # (norm, kwargs, shape): each built-in fused norm as the op sees it, kind, line dim and alpha
+    ("RowNorm", {"normalized": True, "transpose": True}, (6, 10)), ("RowNorm", {"normalized": False}, (6, 10)),
+    ("ColNorm", {"normalized": True}, (6, 10)), ("ColNorm", {"normalized": False, "transpose": True}, (10, 6)),
+    ("Sign", {"normalized": True}, (6, 10)), ("Sign", {"normalized": False}, (6, 10)),
+    ("BiasRMS", {}, (10,)), ("BiasRMS", {}, ()),
+]
+
+
+@pytest.mark.parametrize("norm,kwargs,shape", DIRECTIONS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_lmo_fn(lmo, flags, dtype):
-    normalized, transpose = flags
-    g = randn(6, 10)
-    g[2] = 0
+def test_direction_of_each_norm(norm, kwargs, shape, dtype):
+    """``direction`` from nothing but the norm's kind, line dim and alpha is the oracle's LMO of that norm:
+    Sign exactly, the line norms within the rule (16-bit g: norms in fp32 or wider, rounded once)."""
+    g = randn(*shape)
+    if len(shape) == 2:
+        g[2] = 0
     g = g.to(dtype)
-    out = fu.lmo_fn(lmo, normalized, transpose)(g)
+    n = dk.lmo.make_norm(norm, kwargs)
+    out = fu.direction(n.kind, g, n.line_dim(shape), n.alpha(shape))
     assert out.dtype == dtype
-    kwargs = {} if lmo == "BiasRMS" else {"normalized": normalized} if lmo == "Sign" else {
-        "normalized": normalized, "transpose": transpose}
-    if lmo == "Sign":
-        assert torch.equal(out, oracle.lmo(lmo, g, **kwargs))
-    else:  # 16-bit g: computed in fp32 and rounded once, held to the plain computation in g's dtype
-        assert_close(out, oracle.lmo(lmo, g.double(), **kwargs), oracle.lmo(lmo, g.to(plain_dtype(dtype)), **kwargs))
+    if norm == "Sign":
+        assert torch.equal(out, oracle.lmo(norm, g, **kwargs))
+    else:
+        assert_close(out, oracle.lmo(norm, g.double(), **kwargs), oracle.lmo(norm, g.to(plain_dtype(dtype)), **kwargs))
+
+
+def test_direction_kinds_and_dtypes():
+    """Kind "scaled" is d alpha; u is computed in the wider of d's and the param's dtype (fp32 params
+    along bf16 d get an fp32 u, not a bf16 rounding of it); the line dim picks rows or columns."""
+    d = randn(5, 7).bfloat16()
+    assert torch.equal(fu.direction("scaled", d, -1, 0.3), d * 0.3)
+    wide = fu.direction("scaled", d, -1, 0.3, torch.float32)
+    assert wide.dtype == torch.float32 and torch.equal(wide, d.float() * 0.3)
+    assert fu.direction("sign", d, -1, 0.1, torch.float32).dtype == torch.float32
+    assert fu.direction("line", d, -1, 1.0, torch.float16).dtype == torch.float32
+    g = randn(5, 7)
+    rows, cols = fu.direction("line", g, -1, 1.0), fu.direction("line", g, -2, 1.0)
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(cols.norm(dim=0), torch.ones(7, dtype=torch.float64))
 
 
 def test_momentum_and_apply_update_helpers():
@@ -300,6 +324,50 @@ def test_momentum_and_apply_update_helpers():
     ups = [u.clone() for u in updates]
     fu.apply_update_([p.clone() for p in params], ups, 0.1, 3.0, False)
     assert all(torch.equal(u, v) for u, v in zip(ups, updates))  # the updates are not scaled in place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_helpers_take_tensor_hyper_parameters(dtype):
+    """The tensor arithmetic that a device ``hyper`` takes (no host read), here with CPU 0-d tensors:
+    the same step as the numbers, within the rule, in the tensors' dtype; nothing but the targets written."""
+    bufs, grads = [randn(3, 4).to(dtype), randn(5).to(dtype)], [randn(3, 4, seed=1).to(dtype), randn(5, seed=1).to(dtype)]
+    b0 = [b.clone() for b in bufs]
+    m = torch.tensor(0.375)
+    fu.momentum_(bufs, grads, m)
+    assert_oracle(bufs, lambda bs, gs: [b * 0.625 + g * 0.375 for b, g in zip(bs, gs)], b0, grads)
+    params = [randn(3, 4, seed=2).to(dtype), randn(5, seed=2).to(dtype)]
+    updates = [randn(3, 4, seed=3).to(dtype), randn(5, seed=3).to(dtype)]
+    u0 = [u.clone() for u in updates]
+    for unconstrained in (False, True):
+        ps = [p.clone() for p in params]
+        fu.apply_update_(ps, updates, torch.tensor(0.125), torch.tensor(3.0), unconstrained)
+        assert all(p.dtype == dtype for p in ps)
+        assert_oracle(ps, lambda ps, us: [(p if unconstrained else p * 0.875) - 0.125 * 3.0 * u for p, u in zip(ps, us)],
+                      params, updates)
+    assert all(torch.equal(u, v) for u, v in zip(updates, u0))
+    assert m.item() == 0.375
+
+
+def test_read_hyper():
+    """Numbers pass through; a CPU hyper is read as floats (free); a device one stays tensors (no sync)."""
+    assert fu.read_hyper(0.1, 0.5, 2.0, None) == (0.1, 0.5, 2.0)
+    hyper = torch.tensor([0.125, 0.5, 3.0])
+    assert fu.read_hyper(math.nan, 0.5, math.nan, hyper) == (0.125, 0.5, 3.0)
+    meta = fu.read_hyper(math.nan, math.nan, math.nan, hyper.to("meta"))
+    assert all(isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_meta for t in meta)
+
+
+def test_hyper_is_built_only_for_tensors():
+    """All numbers: no tensor (nothing to launch); any tensor: [lr, momentum, scale] on the params' device,
+    fp32 (fp64 for fp64 params), the tensors' floats NaN (ScionLight then reads momentum as != 1)."""
+    cpu = torch.device("cpu")
+    assert fu._hyper(cpu, torch.float32, 0.1, 1.0, 2.0) == ((0.1, 1.0, 2.0), None)
+    floats, hyper = fu._hyper(cpu, torch.bfloat16, 0.1, torch.tensor(1.0, dtype=torch.float64), 2.0)
+    assert floats[0] == 0.1 and math.isnan(floats[1]) and floats[2] == 2.0
+    assert hyper.dtype == torch.float32 and hyper.tolist() == [float(torch.tensor(0.1)), 1.0, 2.0]
+    floats, hyper = fu._hyper(cpu, torch.float64, torch.tensor(0.1, dtype=torch.float64), 0.5, 2.0)
+    assert math.isnan(floats[0]) and floats[1:] == (0.5, 2.0)
+    assert hyper.dtype == torch.float64 and hyper.tolist() == [0.1, 0.5, 2.0]
 
 
 def test_fused_update_empty_list_is_a_no_op():

@@ -22,13 +22,17 @@ Runs interpreted on CPU (CMAX = 32: rows wider than 32 take the two-sweep row pa
 per program), at real sizes on a GPU.
 """
 
+import importlib
+import math
+
 import pytest
 import torch
 
 import disco_kernels as dk
+from disco_kernels.lmo import LineNorm
 import oracle
 from test_cuda_build import norm_kwargs, oracle_lmo, per_matrix, untie  # (shared with the CUDA tests)
-from tolerances import assert_close, plain_dtype
+from tolerances import assert_close, plain_dtype, rel_err
 
 triton = pytest.importorskip("triton")
 
@@ -164,18 +168,45 @@ def test_views_into_one_flat_buffer(lmo):
     check_step(*(views(f) for f in flats), lmo=lmo)
 
 
-def test_fallbacks_in_a_mixed_list():
-    """Tensors the kernels do not take (float64, rank 3, dtypes differing between roles) go through the
-    torch path inside the same call; the rest through the kernels."""
-    shapes = [(7, 129), (2, 5, 9), (40, 33), (6, 8)]
+@pytest.fixture
+def torch_path_calls(monkeypatch):
+    """The tensors (by shape) that a Triton call hands to the torch path."""
+    fu_op = importlib.import_module("disco_kernels.ops.fused_update")
+    calls, real = [], fu_op._torch
+
+    def spy(params, *args):
+        calls.extend(tuple(p.shape) for p in params)
+        return real(params, *args)
+
+    monkeypatch.setattr(fu_op, "_torch", spy)
+    return calls
+
+
+def test_fallbacks_in_a_mixed_list(torch_path_calls):
+    """Tensors the kernels do not take (float64) go through the torch path inside the same call; the rest,
+    16/32-bit in any mix of dtypes between the roles, through the kernels."""
+    shapes = [(7, 129), (2, 9), (40, 33), (6, 8)]
     params, grads, bufs = new(shapes, torch.float32)
     params[3], grads[3], bufs[3] = (t.double() for t in (params[3], grads[3], bufs[3]))
     check_step(params, grads, bufs, lmo="RowNorm")
-    params, grads, bufs = new([(129,), (4, 7)] + [()] * TINY, torch.float32)  # 2-D BiasRMS: rms over dim 0, torch
-    check_step(params, grads, bufs, lmo="BiasRMS")
     params, grads, bufs = new([(7, 129), (40, 33)], torch.float32)
     bufs[1] = bufs[1].double()
     check_step(params, grads, bufs, lmo="ColNorm")
+    assert torch_path_calls == [(6, 8), (40, 33)]
+
+
+@pytest.mark.parametrize("lmo", ["Sign", "RowNorm", "ColNorm", "BiasRMS"])
+def test_roles_of_other_dtypes(lmo, torch_path_calls):
+    """fp32 params with bf16 grads (a bf16 model's grads into fp32 master weights) and fp16 ones with fp32
+    grads and buffers: one launch per dtype tuple, every role read and written in its own dtype."""
+    shapes = shapes_for(lmo)
+    params, grads = new(shapes, torch.float32, 2)
+    check_step(params, [g.bfloat16() for g in grads], lmo=lmo, momentum=1.0)  # d = g, exact in fp32
+    params, grads, bufs = new(shapes, torch.float32)
+    check_step([p.half() for p in params], grads, bufs, lmo=lmo, momentum=0.5)
+    params, grads = new(shapes, torch.float32, 2)
+    check_step(params, [g.half() for g in grads], lmo=lmo, momentum=0.5, light=True)
+    assert torch_path_calls == []
 
 
 def test_zero_grads_and_empty_tensors():
@@ -196,6 +227,80 @@ def test_tiny_grads_see_the_eps(lmo):
     for t in grads + bufs:
         t.mul_(1e-9)
     check_step(params, grads, bufs, lmo=lmo)
+
+
+# -- a new line-wise norm is one class --------------------------------------------------------------
+
+class HalfRootLines(LineNorm):
+    """Test only: lines along ``dim`` (the columns by default), alpha = 0.5 sqrt(d_in). Nothing else is
+    declared: the op, its torch path and the kernels must derive the whole LMO from these two facts."""
+
+    def __init__(self, dim=-2):
+        self.dim = dim
+
+    def line_dim(self, shape):
+        return self.dim
+
+    def alpha(self, shape):
+        return 0.5 * math.sqrt(shape[-1])
+
+
+def half_root_step(p, g, buf, *, dim, lr, momentum, scale, unconstrained):
+    """The step of ``HalfRootLines`` restated from its definition, in the inputs' dtype: (p, buf) after it."""
+    d = g if buf is None else buf * (1 - momentum) + g * momentum
+    norm = d.pow(2).sum(dim, keepdim=True).sqrt()
+    u = d / (norm * (0.5 * math.sqrt(d.size(-1))) + 1e-8)
+    return (p if unconstrained else p * (1 - lr)) - lr * scale * u, d
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dim", [-2, -1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_new_line_norm_is_one_class(backend, dim, dtype, torch_path_calls):
+    """A LineNorm subclass that declares only its line dim and alpha runs through fused_update on the torch
+    path and the Triton kernels (columns: the two-pass column kernel; rows: the row kernel, one pass and two
+    sweeps), within the rule against the restatement above in fp64 and in the storage dtype; a zero line
+    takes no step."""
+    shapes = [(7, 129), (129, 7), (3, 20), (1, 1)]
+    params, grads, bufs = new(shapes, dtype)
+    grads[0][:, 3] = grads[0][2] = 0
+    bufs[0][:, 3] = bufs[0][2] = 0
+    step = dict(lr=0.1, momentum=0.75, scale=2.0, unconstrained=False)
+    p_in, g_in, b_in = ([t.clone() for t in ts] for ts in (params, grads, bufs))
+    dk.ops.fused_update(params, grads, bufs, lmo=HalfRootLines(dim), backend=backend, **step)
+    for i in range(len(shapes)):
+        exact = half_root_step(p_in[i].double(), g_in[i].double(), b_in[i].double(), dim=dim, **step)
+        plain = half_root_step(*(t.to(plain_dtype(dtype)) for t in (p_in[i], g_in[i], b_in[i])), dim=dim, **step)
+        if shapes[i] != (1, 1):  # (one entry: one rounding's luck, and d / |d| alpha exactly)
+            assert_close(params[i], exact[0], plain[0], what=f"params[{i}] {shapes[i]}")
+            assert_close(bufs[i], exact[1], plain[1], what=f"bufs[{i}] {shapes[i]}")
+        assert torch.equal(grads[i], g_in[i])
+    zero = (slice(None), 3) if dim == -2 else (2,)
+    assert_close(params[0][zero], p_in[0][zero].double() * 0.9, p_in[0][zero].to(plain_dtype(dtype)) * 0.9,
+                 what="a zero line (only the decay)")
+    assert torch_path_calls == []  # (the Triton run: every tensor through the kernels)
+
+
+def test_alpha_reaches_every_kernel_per_tensor(torch_path_calls):
+    """Each tensor of one launch gets its own alpha: a list of equal shapes whose alphas differ only by the
+    tensor (a subclass keyed on the shape's first dim), through the tile, row and column kernels."""
+    class ByRows(HalfRootLines):
+        def alpha(self, shape):
+            return float(shape[0])
+
+    class SignByRows(dk.lmo.Sign):
+        def alpha(self, shape):
+            return 1.0 / shape[0]
+
+    shapes = [(2, 5), (3, 5), (4, 5), (5, 5)]
+    for lmo in (ByRows(-1), ByRows(-2), SignByRows()):
+        params, grads = new(shapes, torch.float32, 2)
+        want = [p.clone() for p in params]
+        dk.ops.fused_update(want, [g.clone() for g in grads], lmo=lmo, lr=0.1, backend="torch")
+        dk.ops.fused_update(params, grads, lmo=lmo, lr=0.1, backend="triton")
+        for got, w in zip(params, want):
+            assert rel_err(got, w) < 1e-6, type(lmo).__name__
+    assert torch_path_calls == []
 
 
 GPT2_SMALL = [(50257, 768), (1024, 768), (768, 2304), (768, 768), (768, 3072), (3072, 768), (768,), (2304,)]

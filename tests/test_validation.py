@@ -77,6 +77,68 @@ def test_fused_update_messages():
         dk.ops.fused_update(p, p, lmo="Sign", lr=0.1, backend="tpu")
 
 
+def test_fused_update_norm_messages():
+    """The norm decides the ranks and the line dims; a Norm instance carries its own flags."""
+    p = [torch.zeros(3, 3)]
+    with pytest.raises(ValueError, match=exact("lmo must be a norm of kind 'sign' or 'line' (a fused LMO), got "
+                                               "Spectral of kind None (its LMO needs Newton-Schulz: newton_schulz, "
+                                               "then apply_update)")):
+        dk.ops.fused_update(p, p, lmo=dk.lmo.Spectral(), lr=0.1)
+    with pytest.raises(ValueError, match=exact("normalized and transpose are flags of a named lmo; RowNorm carries "
+                                               "its own (got normalized=True, transpose=True)")):
+        dk.ops.fused_update(p, p, lmo=dk.lmo.RowNorm(), lr=0.1, transpose=True)
+    with pytest.raises(ValueError, match=exact("normalized and transpose are flags of a named lmo; Sign carries "
+                                               "its own (got normalized=False, transpose=False)")):
+        dk.ops.fused_update(p, p, lmo=dk.lmo.Sign(), lr=0.1, normalized=False)
+    with pytest.raises(ValueError, match=r"^RowNorm needs a 2-D tensor, but params\[1\] has shape \(6,\)"):
+        dk.ops.fused_update(p + [torch.zeros(6)], p + [torch.zeros(6)], lmo="RowNorm", lr=0.1)
+    with pytest.raises(ValueError, match=r"^BiasRMS needs a 0-D or 1-D tensor, but params\[0\] has shape \(3, 3\)"):
+        dk.ops.fused_update(p, p, lmo=dk.lmo.BiasRMS(), lr=0.1)
+
+    class Bad(dk.lmo.LineNorm):
+        def __init__(self, dim, alpha=1.0):
+            self.dim, self.a = dim, alpha
+
+        def line_dim(self, shape):
+            return self.dim
+
+        def alpha(self, shape):
+            return self.a
+
+    with pytest.raises(ValueError, match=exact("Bad.line_dim((3, 3)) must be -1 (rows) or -2 (columns, of a tensor "
+                                               "of at least 2 dims), got 0")):
+        dk.ops.fused_update(p, p, lmo=Bad(0), lr=0.1)
+    with pytest.raises(ValueError, match=exact("Bad.alpha((3, 3)) must be a finite number, got nan")):
+        dk.ops.fused_update(p, p, lmo=Bad(-1, float("nan")), lr=0.1)
+
+
+def test_fused_update_shapes_messages():
+    """``shapes``: one full shape per param, of the param's rank; the norm checks the full shape."""
+    p = [torch.zeros(3, 4)]
+    with pytest.raises(ValueError, match=exact("shapes must be None or a list of one shape per param (1), got []")):
+        dk.ops.fused_update(p, p, lmo="Sign", lr=0.1, shapes=[])
+    with pytest.raises(ValueError, match=exact("shapes[0] must be a shape (ints >= 0) of the rank of params[0] "
+                                               "((3, 4)), got (12,)")):
+        dk.ops.fused_update(p, p, lmo="Sign", lr=0.1, shapes=[(12,)])
+    with pytest.raises(ValueError, match=exact("shapes[0] must be a shape (ints >= 0) of the rank of params[0] "
+                                               "((3, 4)), got (6, -4)")):
+        dk.ops.fused_update(p, p, lmo="Sign", lr=0.1, shapes=[(6, -4)])
+
+
+def test_fused_update_shapes_give_alpha_and_lines():
+    """A local shard updated with its full shape's alpha: a (3, 4) row shard of a (6, 4) RowNorm param moves
+    as the same rows of the whole param would."""
+    full = torch.randn(6, 4)
+    grad = torch.randn(6, 4)
+    whole, shard = full.clone(), full[:3].clone()
+    dk.ops.fused_update([whole], [grad], lmo="ColNorm", transpose=True, lr=0.1)
+    dk.ops.fused_update([shard], [grad[:3]], lmo="ColNorm", transpose=True, lr=0.1, shapes=[(6, 4)])
+    torch.testing.assert_close(shard, whole[:3], rtol=0, atol=0)
+    alone = full[:3].clone()
+    dk.ops.fused_update([alone], [grad[:3]], lmo="ColNorm", transpose=True, lr=0.1)  # alpha of (3, 4): another step
+    assert not torch.equal(alone, shard)
+
+
 # -- optimizer hyper-parameters ------------------------------------------------------------------------
 
 def _p(*shape):

@@ -1,185 +1,270 @@
-"""Fused Scion update for the element-, row- and column-wise LMOs, many tensors at once.
+"""Fused Scion update for the element- and line-wise LMOs, many tensors at once.
 
-For every (p, g, buf) of a group, in one pass where the backend allows:
+The op knows no norm by name: per tensor it takes a ``kind``, a line dim and a factor ``alpha``, as
+each norm of ``disco_kernels.lmo`` declares them. For every (p, g, buf) of a list, in one pass where
+the backend allows:
 
-    d = g                                   momentum == 1
-    buf = (1 - momentum) buf + momentum g;  d = buf     (Scion)
-    d = g; afterwards g *= (1 - momentum)               (ScionLight, ``light=True``)
-    p = p (1 - lr) [unless unconstrained] - lr * scale * lmo(d)
+    d = g                                   no bufs
+    buf = (1 - momentum) buf + momentum g;  d = buf (as stored)     (Scion, bufs given)
+    d = g; afterwards g *= (1 - momentum)                           (ScionLight, ``light=True``)
+    u = sign(d) alpha                       kind "sign"   (NaN kept)
+    u = d alpha                             kind "scaled" (the Newton-Schulz apply pass: d is X)
+    u = d / (||line||_2 alpha + LINE_EPS)   kind "line", lines along dims[i]: -1 rows (a 0-D or 1-D
+                                            tensor is one line), -2 columns; sums of squares in fp64
+    p = p (1 - lr) [unless unconstrained] - lr scale u
 
-with lmo one of "Sign", "RowNorm", "ColNorm", "BiasRMS" (math in reference.py).
-``params``, ``bufs`` (and ``grads`` when light) are updated in place.
+``params``, ``bufs`` (and ``grads`` when light) are updated in place. lr, momentum and scale may be
+0-d tensors: the kernels then read them from the device (``hyper``), so that a schedule writing into
+them changes a compiled or CUDA-graph-captured step without a recompilation or a host sync.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .. import _backend, reference
-from .._validate import flag, like, number, real_tensor, tensor_list
+from . import fused_update_cuda
+from .._validate import flag, hyper as check_hyper, like, number, real_tensor, tensor_list
 
 KERNELS = ("torch", "triton", "cuda")
-LMOS = ("Sign", "RowNorm", "ColNorm", "BiasRMS")
-
+LMOS = ("Sign", "RowNorm", "ColNorm", "BiasRMS")  # the names ``lmo`` takes (else a ``lmo.Norm`` instance)
+KINDS = ("sign", "scaled", "line")
+LINE_DIMS = (-1, -2)
 
 
 def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor] | None = None, *,
-                 lmo: str, lr: float, momentum: float = 1.0, scale: float = 1.0, unconstrained: bool = False,
-                 normalized: bool = True, transpose: bool = False, light: bool = False, backend: str = "auto") -> None:
-    """Apply one Scion step in place to ``params`` (see the module docstring). ``normalized`` and
-    ``transpose`` are the LMO's flags; note that ``normalized`` defaults to True here for every lmo,
-    while the ``ColNorm`` norm class defaults to False (pass it explicitly for ColNorm)."""
-    if lmo not in LMOS:
-        raise ValueError(f"lmo must be one of {LMOS}, got {lmo!r}")
+                 lmo, lr, momentum=1.0, scale=1.0, unconstrained: bool = False, normalized: bool = True,
+                 transpose: bool = False, light: bool = False, backend: str = "auto", shapes=None) -> None:
+    """Apply one Scion step in place to ``params`` (see the module docstring).
+
+    ``lmo``: a ``disco_kernels.lmo.Norm`` of kind "sign" or "line" (Sign, RowNorm, ColNorm, BiasRMS or
+    any ``LineNorm`` subclass), or one of the names in ``LMOS`` with the flags ``normalized`` and
+    ``transpose`` (note that ``normalized`` defaults to True here for every name, while the ``ColNorm``
+    class defaults to False). With a Norm instance the flags are its own: passing ``normalized=False``
+    or ``transpose=True`` beside one is an error (they would be silently ignored).
+    ``lr``, ``momentum``, ``scale``: numbers or 0-d floating-point tensors (on the CPU or the params'
+    device; taken in fp32, in fp64 for fp64 params). A tensor momentum always decays ScionLight's g (even at
+    value 1, to 0), a number only when it is not 1. (Tensors on the params' device keep a step capturable in
+    a CUDA graph; a CPU tensor is copied to the device on each call.)
+    ``shapes``: the full shape of each param (default its own), from which the norm's line dim and
+    alpha are taken; the optimizer passes a DTensor's full shape for its local shard."""
+    norm = _as_norm(lmo, normalized, transpose)
     params, grads = tensor_list(params, "params"), tensor_list(grads, "grads")
     bufs = None if bufs is None else tensor_list(bufs, "bufs")
     if len(grads) != len(params) or (bufs is not None and len(bufs) != len(params)):
         raise ValueError(f"params, grads and bufs must have equal lengths, got {len(params)}, {len(grads)}, "
                          f"{None if bufs is None else len(bufs)}")
-    lr, momentum = number(lr, "lr", 0.0), number(momentum, "momentum", 0.0, 1.0)
-    scale = number(scale, "scale")
-    flags = {name: flag(value, name) for name, value in (("unconstrained", unconstrained), ("normalized", normalized),
-                                                         ("transpose", transpose), ("light", light))}
+    lr, momentum = check_hyper(lr, "lr", 0.0), check_hyper(momentum, "momentum", 0.0, 1.0)
+    scale = check_hyper(scale, "scale")
+    unconstrained, light = flag(unconstrained, "unconstrained"), flag(light, "light")
     _backend.check_backend(backend)
-    need = min_dims(lmo, flags["normalized"], flags["transpose"])
+    shapes = _shapes(shapes, params)
     for i, p in enumerate(params):
         real_tensor(p, f"params[{i}]")
-        if p.dim() < need:
-            raise ValueError(f"{lmo} needs tensors of at least {need} dims, got params[{i}] of shape {tuple(p.shape)}")
+        norm.check(shapes[i], f"params[{i}]")
         like(grads[i], p, f"grads[{i}]", f"params[{i}]")
         if bufs is not None:
             like(bufs[i], p, f"bufs[{i}]", f"params[{i}]")
+    dims = [_line_dim(norm, s) for s in shapes]
+    alphas = [_alpha(norm, s) for s in shapes]
     if not params:
         return
-    torch.ops.disco_kernels.fused_update(params, grads, [] if bufs is None else bufs, lmo, lr, momentum, scale,
-                                         flags["unconstrained"], flags["normalized"], flags["transpose"],
-                                         flags["light"], backend)
+    if light and not isinstance(momentum, torch.Tensor) and momentum == 1:
+        bufs, light = None, False  # the same step (d = g, no buffer, g kept), whatever else comes from hyper
+    values, hyper_t = _hyper(params[0].device, params[0].dtype, lr, momentum, scale)
+    torch.ops.disco_kernels.fused_update(params, grads, [] if bufs is None else bufs, norm.kind, dims, alphas,
+                                         *values, hyper_t, unconstrained, light, backend)
 
 
-def lmo_fn(lmo: str, normalized: bool, transpose: bool):
-    """The reference LMO ``lmo`` with its flags bound: g -> direction in g's dtype. The line norms are
-    taken in fp32 for 16-bit g, as the kernels do: in fp16 the 1e-8 rounds to 0 (a zero line would
-    give 0 / 0) and BiasRMS's g² overflows from |g| = 256."""
+def apply_update(params: list[torch.Tensor], updates: list[torch.Tensor], alphas, *, lr, scale=1.0,
+                 unconstrained: bool = False, backend: str = "auto") -> None:
+    """The Newton-Schulz apply pass, in place and in one pass over memory:
+
+        p_i = p_i (1 - lr) [unless unconstrained] - lr scale alphas[i] updates[i]
+
+    ``updates[i]`` has p_i's shape and device but may have another dtype (e.g. a view of a batched bf16
+    Newton-Schulz result for fp32 params); it is only read. ``lr`` and ``scale``: numbers or 0-d tensors."""
+    params, updates = tensor_list(params, "params"), tensor_list(updates, "updates")
+    if isinstance(alphas, torch.Tensor) or not isinstance(alphas, (list, tuple)):
+        raise TypeError(f"alphas must be a list of numbers, got {type(alphas).__name__}")
+    if not len(updates) == len(alphas) == len(params):
+        raise ValueError(f"params, updates and alphas must have equal lengths, got {len(params)}, {len(updates)}, "
+                         f"{len(alphas)}")
+    alphas = [number(a, f"alphas[{i}]") for i, a in enumerate(alphas)]
+    lr, scale = check_hyper(lr, "lr", 0.0), check_hyper(scale, "scale")
+    unconstrained = flag(unconstrained, "unconstrained")
+    _backend.check_backend(backend)
+    for i, p in enumerate(params):
+        real_tensor(p, f"params[{i}]")
+        like(updates[i], p, f"updates[{i}]", f"params[{i}]")
+    if not params:
+        return
+    (lr_f, _, scale_f), hyper_t = _hyper(params[0].device, params[0].dtype, lr, 1.0, scale)
+    torch.ops.disco_kernels.fused_update(params, updates, [], "scaled", [-1] * len(params), alphas, lr_f, 1.0,
+                                         scale_f, hyper_t, unconstrained, False, backend)
+
+
+def _as_norm(lmo, normalized, transpose):
+    """The ``lmo.Norm`` that ``lmo`` names or is (lazy import: lmo.py imports the ops)."""
+    from .. import lmo as norms
+    if isinstance(lmo, norms.Norm):
+        if lmo.kind not in ("sign", "line"):
+            raise ValueError(f"lmo must be a norm of kind 'sign' or 'line' (a fused LMO), got {type(lmo).__name__} "
+                             f"of kind {lmo.kind!r} (its LMO needs Newton-Schulz: newton_schulz, then apply_update)")
+        if normalized is not True or transpose is not False:
+            raise ValueError(f"normalized and transpose are flags of a named lmo; {type(lmo).__name__} carries its "
+                             f"own (got normalized={normalized!r}, transpose={transpose!r})")
+        return lmo
+    if not isinstance(lmo, str) or lmo not in LMOS:
+        raise ValueError(f"lmo must be one of {LMOS}, got {lmo!r}")
+    normalized, transpose = flag(normalized, "normalized"), flag(transpose, "transpose")
     if lmo == "Sign":
-        return lambda g: reference.lmo_sign(g, normalized)
-    if lmo == "RowNorm":
-        fn = lambda g: reference.lmo_rownorm(g, normalized, transpose)  # noqa: E731
-    elif lmo == "ColNorm":
-        fn = lambda g: reference.lmo_colnorm(g, normalized, transpose)  # noqa: E731
-    else:
-        fn = reference.lmo_bias_rms
-    return lambda g: fn(g.to(torch.promote_types(g.dtype, torch.float32))).to(g.dtype)
+        return norms.Sign(normalized=normalized)
+    if lmo == "BiasRMS":
+        return norms.BiasRMS()
+    return getattr(norms, lmo)(normalized=normalized, transpose=transpose)
+
+
+def _shapes(shapes, params) -> list[tuple[int, ...]]:
+    """Each param's full shape: its own, or ``shapes[i]`` (a sequence of ints of the param's rank)."""
+    if shapes is None:
+        return [tuple(p.shape) for p in params]
+    if isinstance(shapes, torch.Tensor) or not isinstance(shapes, (list, tuple)) or len(shapes) != len(params):
+        raise ValueError(f"shapes must be None or a list of one shape per param ({len(params)}), got {shapes!r}")
+    out = []
+    for i, (s, p) in enumerate(zip(shapes, params)):
+        ok = isinstance(s, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s)
+        if not ok or (isinstance(p, torch.Tensor) and len(s) != p.dim()):
+            raise ValueError(f"shapes[{i}] must be a shape (ints >= 0) of the rank of params[{i}] "
+                             f"({tuple(p.shape) if isinstance(p, torch.Tensor) else p!r}), got {s!r}")
+        out.append(tuple(s))
+    return out
+
+
+def _line_dim(norm, shape) -> int:
+    dim = norm.line_dim(shape) if norm.kind == "line" else -1
+    if dim not in LINE_DIMS or (dim == -2 and len(shape) < 2):
+        raise ValueError(f"{type(norm).__name__}.line_dim({tuple(shape)}) must be -1 (rows) or -2 (columns, of a "
+                         f"tensor of at least 2 dims), got {dim!r}")
+    return dim
+
+
+def _alpha(norm, shape) -> float:
+    """The norm's alpha for ``shape`` (an empty tensor has nothing to scale: 0, as its alpha may divide by 0)."""
+    if 0 in shape:
+        return 0.0
+    return number(norm.alpha(shape), f"{type(norm).__name__}.alpha({tuple(shape)})")
+
+
+def _hyper(device, dtype, lr, momentum, scale):
+    """(lr, momentum, scale) as floats for the op, and ``hyper``: None when all three are numbers, else the
+    tensor [lr, momentum, scale] on ``device`` that the kernels read (fp32; fp64 for fp64 params, which
+    only the torch path takes); a tensor's float is then NaN (its
+    value is in hyper; a NaN momentum reads as != 1: ScionLight decays g)."""
+    values = (lr, momentum, scale)
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return values, None
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32  # (the kernels take no fp64 params)
+    hyper = torch.stack([v.to(device, dtype) if isinstance(v, torch.Tensor)
+                         else torch.full((), v, dtype=dtype, device=device) for v in values])
+    return tuple(math.nan if isinstance(v, torch.Tensor) else v for v in values), hyper
+
+
+def read_hyper(lr, momentum, scale, hyper):
+    """The step's (lr, momentum, scale): the floats, or hyper's entries, as floats when hyper is on the CPU
+    (free to read) and as 0-d tensors on a device (no host sync)."""
+    if hyper is None:
+        return lr, momentum, scale
+    if hyper.device.type == "cpu":
+        return tuple(hyper.tolist())
+    return hyper[0], hyper[1], hyper[2]
 
 
 def momentum_(bufs, grads, momentum):
-    """buf = (1 - momentum) buf + momentum g, as the reference computes it."""
+    """buf = (1 - momentum) buf + momentum g, as the reference computes it (momentum a number or 0-d tensor)."""
     torch._foreach_mul_(bufs, 1 - momentum)
-    torch._foreach_add_(bufs, grads, alpha=momentum)
+    if isinstance(momentum, torch.Tensor):
+        torch._foreach_add_(bufs, torch._foreach_mul(grads, momentum))
+    else:
+        torch._foreach_add_(bufs, grads, alpha=momentum)
 
 
 def apply_update_(params, updates, lr, scale, unconstrained):
-    """p = p (1 - lr) [unless unconstrained] - lr * (scale * u), as the reference computes it."""
+    """p = p (1 - lr) [unless unconstrained] - lr * (scale * u), as the reference computes it (lr and scale
+    numbers or 0-d tensors); ``updates`` are not modified."""
     updates = torch._foreach_mul(updates, scale)
     if not unconstrained:
         torch._foreach_mul_(params, 1 - lr)
-    torch._foreach_add_(params, updates, alpha=-lr)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
 
 
-def _torch(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light):
+def direction(kind: str, d: torch.Tensor, dim: int, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """u of the module docstring for one tensor, from the reference's LMOs, in the wider of d's dtype and
+    ``dtype`` (the param's: fp32 params updated along bf16 d get an fp32 u)."""
+    if dtype is not None and dtype != d.dtype:
+        d = d.to(torch.promote_types(d.dtype, dtype))
+    if kind == "sign":
+        return reference.sign_lmo(d, alpha)
+    if kind == "scaled":
+        return d * alpha
+    return reference.line_lmo(d, dim, alpha)
+
+
+def _torch(params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light):
+    lr_, momentum_v, scale_ = read_hyper(lr, momentum, scale, hyper)
     dirs = grads
     if bufs and not light:
-        momentum_(bufs, grads, momentum)
+        momentum_(bufs, grads, momentum_v)
         dirs = bufs
-    fn = lmo_fn(lmo, normalized, transpose)
-    apply_update_(params, [fn(d) for d in dirs], lr, scale, unconstrained)
+    updates = [direction(kind, d, dim, alpha, p.dtype) for p, d, dim, alpha in zip(params, dirs, dims, alphas)]
+    apply_update_(params, updates, lr_, scale_, unconstrained)
     if light and momentum != 1:
-        torch._foreach_mul_(grads, 1 - momentum)
+        torch._foreach_mul_(grads, 1 - momentum_v)
 
 
-CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# -- CUDA: ops/fused_update_cuda.py launches the extension's kernel from the same kind, dims and alphas ----
 
-
-def min_dims(lmo: str, normalized: bool, transpose: bool) -> int:
-    """The fewest dims ``lmo`` reads: columns need a matrix, a row a vector, normalized Sign d_in = size(-1)."""
-    if lmo == "Sign":
-        return int(normalized)
-    if lmo == "BiasRMS":
-        return 0
-    return 2 if lmo == "ColNorm" or transpose else 1
-
-
-def cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light) -> str | None:
+def cuda_unsupported(params, grads, bufs, kind, dims, light) -> str | None:
     """Why the CUDA kernel cannot take this group (None when it can)."""
-    need = min_dims(lmo, normalized, transpose)
-    for i, (p, g) in enumerate(zip(params, grads)):
-        b = bufs[i] if bufs and not light else None
-        if p.dtype not in CUDA_DTYPES:
-            return f"params[{i}] has dtype {p.dtype}; the CUDA kernel takes float32, bfloat16 or float16"
-        if p.device != params[0].device:
-            return f"params[{i}] is on {p.device}, params[0] on {params[0].device}: one launch runs on one device"
-        for name, t in (("grads", g), ("bufs", b)):
-            if t is not None and (t.dtype != p.dtype or t.shape != p.shape or t.device != p.device):
-                return (f"{name}[{i}] ({t.dtype}, {tuple(t.shape)}, {t.device}) must match params[{i}] "
-                        f"({p.dtype}, {tuple(p.shape)}, {p.device})")
-        if p.dim() < need:
-            return f"{lmo} needs tensors of at least {need} dims, got params[{i}] of shape {tuple(p.shape)}"
-    return None
+    return fused_update_cuda.unsupported(params, grads, bufs, kind, dims, light)
 
 
-def choose_backend(backend, params, grads, bufs, lmo, transpose, normalized, light, subject="") -> str:
+def choose_backend(backend, params, grads, bufs, kind, dims, light, subject="") -> str:
     """The backend that runs this group's update (``_backend.resolve``; raises as a forced one that
     cannot would, the error naming ``subject``)."""
     return _backend.resolve(backend, params[0].device, "fused_update", KERNELS,
-                            lambda: cuda_unsupported(params, grads, bufs, lmo, transpose, normalized, light), subject)
+                            lambda: cuda_unsupported(params, grads, bufs, kind, dims, light), subject)
 
 
-def _cuda(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light):
-    ext = _backend.cuda_extension()
-    has_buf = bool(bufs) and not light
-    # The kernel takes contiguous tensors; others go through a copy (kept alive until the launch),
-    # written back when the kernel mutates it.
-    copies = []
-
-    def contiguous(t, mutated):
-        if t.is_contiguous():
-            return t
-        copies.append((t, t.contiguous(), mutated))
-        return copies[-1][1]
-
-    by_dtype = {}
-    for i, p in enumerate(params):
-        ps, gs, bs, shapes = by_dtype.setdefault(p.dtype, ([], [], [], []))
-        ps.append(contiguous(p, True).data_ptr())
-        gs.append(contiguous(grads[i], light and momentum != 1).data_ptr())
-        bs.append(contiguous(bufs[i], True).data_ptr() if has_buf else 0)
-        shapes.append(list(p.shape))
-    stream = torch.cuda.current_stream(params[0].device).cuda_stream
-    for dtype, (ps, gs, bs, shapes) in by_dtype.items():
-        ext.fused_update(ext.DTYPES[str(dtype).removeprefix("torch.")], ext.LMOS[lmo], normalized, transpose,
-                         unconstrained, light, has_buf, lr, momentum, scale, ps, gs, bs, shapes, stream)
-    for t, c, mutated in copies:
-        if mutated:
-            t.copy_(c)
+def _cuda(params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light):
+    fused_update_cuda.launch(params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained,
+                             light, reference.LINE_EPS)
 
 
-def _triton(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light):
+def _triton(params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light):
     from ..triton_kernels import fused_update as kernels
-    return kernels.fused_update(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
+    kernels.fused_update(params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light)
 
 
 _IMPLS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 
 
 @torch.library.custom_op("disco_kernels::fused_update", mutates_args=("params", "grads", "bufs"))
-def _fused_update_op(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lmo: str,
-                     lr: float, momentum: float, scale: float, unconstrained: bool, normalized: bool,
-                     transpose: bool, light: bool, backend: str) -> None:
+def _fused_update_op(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], kind: str,
+                     dims: list[int], alphas: list[float], lr: float, momentum: float, scale: float,
+                     hyper: torch.Tensor | None, unconstrained: bool, light: bool, backend: str) -> None:
     if not params:
         return
-    impl = choose_backend(backend, params, grads, bufs, lmo, transpose, normalized, light)
+    impl = choose_backend(backend, params, grads, bufs, kind, dims, light)
     with _backend.on_device(params[0].device):
-        _IMPLS[impl](params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light)
+        _IMPLS[impl](params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light)
 
 
 @_fused_update_op.register_fake
-def _(params, grads, bufs, lmo, lr, momentum, scale, unconstrained, normalized, transpose, light, backend):
+def _(params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light, backend):
     return None
