@@ -100,12 +100,22 @@ def _best_time(fn, device: torch.device, reps: int = 7) -> float:
     return best
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Achieved TFLOP/s of a large square torch.mm (the compute roof where no datasheet applies)."""
-    n = 4096 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / _best_time(lambda: torch.mm(a, b), device) / 1e12
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, run_budget: float = 0.25) -> float:
+    """Achieved TFLOP/s (2 n³ flops) of a large square torch.mm, the compute roof where no datasheet applies:
+    n is doubled from 256 up to 4096 (GPU) or 2048 (CPU) while the next size's run (8x the flops) is
+    predicted to take at most ``run_budget`` seconds, so that a dtype the CPU only emulates (bf16 without
+    AVX-512 BF16 or AMX runs ~25x slower than fp32 there) is measured in about a second, not minutes."""
+    n_max = 4096 if device.type == "cuda" else 2048
+
+    def mm(n):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        return lambda: torch.mm(a, b)
+
+    n = 256
+    while n < n_max and 8 * _best_time(mm(n), device, reps=1) <= run_budget:
+        n *= 2
+    return 2 * n ** 3 / _best_time(mm(n), device) / 1e12
 
 
 def measure_stream_gbps(device: torch.device) -> float:
