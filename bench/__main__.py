@@ -9,7 +9,11 @@ a GPU); ``--quick`` fits in two minutes on a 2-core CPU (shapes scaled down on
 CPU, and said so); ``--smoke`` is a seconds-long run on tiny shapes (the test
 suite uses it). Each case's ``rel_err`` is against the test suite's independent
 fp64 oracle (tests/oracle.py) and ``err_bound`` is the suite's one tolerance rule
-for it (tests/tolerances.py); a case beyond it gets a note.
+for it (tests/tolerances.py); a case beyond it gets a note. The whole-step rows also give the floor of
+the bytes a step moves and its peak extra memory, ours beside the reference's.
+
+``python -m bench.compare --base REV [--quick]`` times the whole step of a git revision and of the
+working tree side by side, interleaved in one run (bench/compare.py).
 """
 from __future__ import annotations
 

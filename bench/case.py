@@ -7,6 +7,11 @@ once, GB/s), and which of them bounds it. Their time at the device's peaks is
 do less (``floor_flops``: X Xᵀ and A A computed one triangle each),
 ``share_of_floor`` is the same against that least work: a symmetric kernel can
 pass 100% of peak in the first measure, never in the second.
+
+A case may also carry ``floor_bytes``, the least bytes the whole call must move (the whole step:
+shapes.step_bytes; the row gets it, and on a GPU ``floor_bytes_share`` = floor_bytes / time / memory
+peak), and ask for ``memory``: the row's ``peak_extra_bytes`` is then the most memory one more call holds
+beyond what existed before it (bench/memory.py), measured once after the timing.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch
 import disco_kernels as dk
 
 from .device import Device, dtype_name
+from .memory import peak_extra_bytes
 from .timing import median_seconds
 
 
@@ -102,6 +108,8 @@ class Case:
     compute_dtype: torch.dtype | None = None  # the dtype the flops run in (default: dtype)
     floor_flops: float | None = None          # least FLOPs any implementation needs, when below flops
     warmup: int = 1                           # calls before timing (3 where torch.compile recompiles)
+    floor_bytes: float | None = None          # least bytes the whole call must move (the step: shapes.step_bytes)
+    memory: bool = False                      # measure the peak extra memory of one call (bench/memory.py)
     extra: dict = field(default_factory=dict)
 
     def floor_seconds(self, device: Device, flops: float | None = None) -> float:
@@ -193,6 +201,12 @@ def measure(case: Case, plan: Plan) -> dict:
         except Exception as e:
             row.update(rel_err=math.nan, note=f"error check failed: {_why(e)}")
         seconds = median_seconds(fn, plan.device.torch_device, plan.preset, case.warmup)
+        if case.memory:  # once, after the timing: fn is warm (a step's state exists)
+            try:
+                row["peak_extra_bytes"] = peak_extra_bytes(fn, plan.device.torch_device)
+            except Exception as e:
+                row["peak_extra_bytes"] = None
+                row["note"] = "; ".join(filter(None, [row.get("note"), f"peak memory not measured: {_why(e)}"]))
     except Exception as e:  # a peer or backend failing must not end the run
         unsupported = case.impl == "cuda" and isinstance(e, ValueError) and "cannot run" in str(e)
         row.update(status=f"{'unsupported' if unsupported else 'error'}: {_why(e)}")
@@ -208,4 +222,8 @@ def measure(case: Case, plan: Plan) -> dict:
                share_of_peak=floor / seconds)
     if case.floor_flops is not None:
         row["share_of_floor"] = case.floor_seconds(plan.device, case.floor_flops) / seconds
+    if case.floor_bytes is not None:
+        row["floor_bytes"] = case.floor_bytes
+        if plan.device.is_cuda:  # a CPU step is compute-bound and its working set partly cached: no share there
+            row["floor_bytes_share"] = case.floor_bytes / seconds / (plan.device.peak_gbps * 1e9)
     return row

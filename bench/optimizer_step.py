@@ -11,6 +11,14 @@ over all params and per param group (reported: over all), on the same model cut 
 shapes, less memory), bounded by the suite's rule (tests/tolerances.py) from the oracle run in the
 params' dtype (bf16 Newton-Schulz, as ours and the reference); not for "compile", which compiles the
 checked torch step (a second compile would double its cost).
+
+Each row also has ``floor_bytes``, the least bytes a step moves (shapes.step_bytes: grads read, params and
+momentum buffers read and written, Newton-Schulz's iterates read and written once per step), with
+``floor_bytes_share`` on a GPU (those bytes over the time, against the memory peak), and
+``peak_extra_bytes``, the most memory the step holds beyond params, grads and optimizer state (one step
+after the timing, bench/memory.py; report.add_speedups gives each row the reference's beside it as
+``reference_peak_extra_bytes``). On a GPU with ``dk.CapturedStep``: GPT-2 124M in bf16, the step
+replayed from a CUDA graph ("captured") against the same step run eagerly ("eager", its baseline).
 """
 from __future__ import annotations
 
@@ -23,25 +31,10 @@ import disco_kernels as dk
 
 from .baselines import ReferenceScion
 from .case import Case, Check, Plan, kernels, oracle, plain_dtype, update_term
-from .shapes import PROXY, STEP_MODELS, for_preset, ns_flops, ns_floor_flops, update_bytes
+from .shapes import (GPT2_124M, PROXY, STEP_MODELS, for_preset, make_groups, ns_flops, ns_floor_flops, step_bytes,
+                     update_bytes)
 
 LR, MOMENTUM = 2 ** -10, 0.1
-
-
-def make_groups(model, dtype, device, generator, ns_dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Param groups of ``model`` with random params and grads (the keys dk.Scion and ReferenceScion take);
-    Spectral's Newton-Schulz iterates in ``ns_dtype`` (its default, bf16, unless given)."""
-    groups = []
-    for _, norm, kwargs, shapes in model.groups():
-        if norm == "Spectral" and ns_dtype != torch.bfloat16:
-            kwargs = {**kwargs, "dtype": str(ns_dtype).removeprefix("torch.")}
-        params = []
-        for _, shape in shapes:
-            p = torch.randn(shape, generator=generator, device=device).to(dtype)
-            p.grad = torch.randn(shape, generator=generator, device=device).to(dtype)
-            params.append(p)
-        groups.append({"params": params, "norm": norm, "norm_kwargs": dict(kwargs), "scale": 1.0})
-    return groups
 
 
 def make_step(impl: str, groups: list[dict], ns_dtype: torch.dtype = torch.bfloat16):
@@ -117,8 +110,10 @@ def step_check(impl: str, model, dtype, plan: Plan, ns_dtype: torch.dtype = torc
     return Check(run, dtype)
 
 
-def work(model, dtype) -> tuple[float, float, float]:
-    """(plain and floor Newton-Schulz flops, update bytes) of one step."""
+def work(model, dtype) -> tuple[float, float, float, float]:
+    """(plain and floor Newton-Schulz flops, update bytes, floor bytes) of one step: the update bytes are
+    every param's update read + written once (shapes.update_bytes), the floor bytes add Newton-Schulz's
+    own traffic (shapes.step_bytes)."""
     flops = floor = numel = 0
     for _, norm, _, shapes in model.groups():
         for _, shape in shapes:
@@ -126,17 +121,48 @@ def work(model, dtype) -> tuple[float, float, float]:
             if norm == "Spectral":
                 flops += ns_flops(shape)
                 floor += ns_floor_flops(shape)
-    return flops, floor, update_bytes(numel, dtype.itemsize, MOMENTUM)
+    return (flops, floor, update_bytes(numel, dtype.itemsize, MOMENTUM),
+            step_bytes(model.groups(), dtype.itemsize, MOMENTUM))
 
 
 def _case(plan, model, dtype, impl) -> Case:
     def build():
         step = make_step(impl, make_groups(model, dtype, plan.device.torch_device, plan.generator()))
         return step, None if impl == "compile" else step_check(impl, model, dtype, plan)
-    flops, floor, bytes_ = work(model, dtype)
+    flops, floor, bytes_, floor_bytes = work(model, dtype)
     return Case("step", model.label, f"Scion step, {model.n_params() / 1e6:.1f}M params", "-", dtype, impl,
                 impl == "reference", flops=flops, bytes=bytes_, bound="both", build=build,
-                compute_dtype=torch.bfloat16, floor_flops=floor, warmup=3 if impl == "compile" else 1)
+                compute_dtype=torch.bfloat16, floor_flops=floor, warmup=3 if impl == "compile" else 1,
+                floor_bytes=floor_bytes, memory=True)
+
+
+def captured_cases(plan: Plan) -> list[Case]:
+    """GPT-2 124M in bf16: ``dk.CapturedStep(opt).step()`` (a CUDA graph replay of the step) against the
+    eager ``opt.step()`` (the baseline, impl "eager"; both Scions on "auto" with ``nonfinite="ignore"``, which
+    a capture needs). Only where a GPU and ``dk.CapturedStep`` are both there; no error check (the graph
+    replays the eager step's kernels, which the other rows check)."""
+    if not (plan.device.is_cuda and torch.cuda.is_available() and hasattr(dk, "CapturedStep")):
+        return []
+    out = []
+    for model in for_preset([GPT2_124M], plan.preset, plan.device.torch_device):
+        flops, floor, bytes_, floor_bytes = work(model, torch.bfloat16)
+        for impl in ("eager", "captured"):
+            if plan.wants(impl):
+                out.append(Case("step", model.label, f"Scion step, captured vs eager, {model.n_params() / 1e6:.1f}M "
+                                "params", "-", torch.bfloat16, impl, impl == "eager", flops=flops, bytes=bytes_,
+                                bound="both", build=_captured_build(plan, model, impl), compute_dtype=torch.bfloat16,
+                                floor_flops=floor, warmup=4 if impl == "captured" else 1, floor_bytes=floor_bytes))
+    return out
+
+
+def _captured_build(plan: Plan, model, impl: str):
+    """build() of a captured-vs-eager case: (the step, no check); warm-up steps and the capture happen in the
+    case's warm-up calls (CapturedStep's default: 2 eager steps, then the capture)."""
+    def build():
+        groups = make_groups(model, torch.bfloat16, plan.device.torch_device, plan.generator())
+        opt = dk.Scion(groups, lr=LR, momentum=MOMENTUM, nonfinite="ignore")
+        return (dk.CapturedStep(opt).step if impl == "captured" else opt.step), None
+    return build
 
 
 def cases(plan: Plan) -> list[Case]:
@@ -146,4 +172,5 @@ def cases(plan: Plan) -> list[Case]:
     impls += ["reference"] if plan.wants("reference") else []
     out = [_case(plan, m, dtype, impl) for m in for_preset(STEP_MODELS, plan.preset, plan.device.torch_device)
            for dtype in plan.dtypes for impl in impls if impl != "compile" or m.name == PROXY.name]
+    out += captured_cases(plan)
     return sorted(out, key=lambda c: c.impl == "compile")  # its compile time last: a time limit keeps every model

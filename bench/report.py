@@ -13,17 +13,20 @@ KEY = ("suite", "model", "case", "shape", "dtype")
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Give each timed row ``speedup_vs_<baseline>`` = baseline time / its time, same case and dtype."""
+    """Give each timed row ``speedup_vs_<baseline>`` = baseline time / its time, same case and dtype, and,
+    where the baseline's peak extra memory was measured, that too as ``<baseline>_peak_extra_bytes``."""
     base = defaultdict(dict)
     for r in rows:
         if r.get("baseline") and r.get("status") == "ok":
-            base[tuple(r[k] for k in KEY)][r["impl"]] = r["time_ms"]
+            base[tuple(r[k] for k in KEY)][r["impl"]] = r
     for r in rows:
         if r.get("status") != "ok":
             continue
-        for impl, t in base[tuple(r[k] for k in KEY)].items():
+        for impl, b in base[tuple(r[k] for k in KEY)].items():
             if impl != r["impl"]:
-                r[f"speedup_vs_{impl}"] = t / r["time_ms"]
+                r[f"speedup_vs_{impl}"] = b["time_ms"] / r["time_ms"]
+            if "peak_extra_bytes" in b:
+                r[f"{impl}_peak_extra_bytes"] = b["peak_extra_bytes"]
 
 
 def write(rows: list[dict], meta: dict, out: Path, stem: str = "results") -> list[Path]:
@@ -113,6 +116,14 @@ def _geomean(xs):
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else math.nan
 
 
+def _mb(x):
+    return None if x is None else x / 1e6
+
+
+def _pct(x):
+    return None if x is None else 100 * x
+
+
 def _fmt(x, spec):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -120,8 +131,9 @@ def _fmt(x, spec):
 def table(rows: list[dict]) -> str:
     """Per suite, impl and dtype: cases, median time, median share of peak, geomean speedup against each
     baseline of the suite, max error (against the fp64 oracle); then the whole step per model, with the
-    error's bound by the suite's rule (tests/tolerances.py); then what was not timed, and notes (an error
-    beyond the rule among them)."""
+    error's bound by the suite's rule (tests/tolerances.py), the floor of its bytes (with their share of
+    the memory peak on a GPU) and its peak extra memory beside the reference's; then what was not timed,
+    and notes (an error beyond the rule among them)."""
     lines = []
     for suite in SUITES:
         ok = _ok(rows, suite)
@@ -141,12 +153,17 @@ def table(rows: list[dict]) -> str:
     steps = _ok(rows, "step")
     if steps:
         lines += ["", f"{'whole step':28s} {'dtype':5s} {'impl':10s} {'ms':>9s} {'%peak':>6s} {'x ref':>6s} "
-                  f"{'err':>8s} {'bound':>8s}"]
+                  f"{'err':>8s} {'bound':>8s} {'floor MB':>9s} {'%bw':>5s} {'extra MB':>9s} {'ref MB':>9s}"]
         for r in steps:
             lines.append(f"{r['model'] + ', ' + r['case'].split(', ')[-1]:28s} {r['dtype']:5s} {r['impl']:10s} "
                          f"{r['time_ms']:9.2f} {100 * r['share_of_peak']:6.1f} "
                          f"{_fmt(r.get('speedup_vs_reference'), '6.2f'):>6s} {_fmt(r.get('rel_err'), '8.1e'):>8s} "
-                         f"{_fmt(r.get('err_bound'), '8.1e'):>8s}")
+                         f"{_fmt(r.get('err_bound'), '8.1e'):>8s} {_fmt(_mb(r.get('floor_bytes')), '9.2f'):>9s} "
+                         f"{_fmt(_pct(r.get('floor_bytes_share')), '5.1f'):>5s} "
+                         f"{_fmt(_mb(r.get('peak_extra_bytes')), '9.2f'):>9s} "
+                         f"{_fmt(_mb(r.get('reference_peak_extra_bytes')), '9.2f'):>9s}")
+        lines.append("(floor MB: least bytes a step moves, 1e6 B; %bw: floor bytes / time against the memory peak, "
+                     "GPU only; extra MB: peak memory beyond params, grads and state, ours and the reference's)")
     counted = {"unsupported": "outside what the CUDA kernels take",
                "skipped": "skipped: past the time limit or interrupted"}
     for kind, what in counted.items():

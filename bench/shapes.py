@@ -139,3 +139,53 @@ def ns_floor_flops(shape: tuple[int, ...], steps: int = 5) -> float:
 def update_bytes(numel: int, itemsize: int, momentum: float) -> int:
     """Bytes of one Scion update read + written once: p, g (and buf) in; p (and buf) out."""
     return (5 if momentum != 1 else 3) * numel * itemsize
+
+
+NS_DTYPE = torch.bfloat16  # the dtype Spectral's Newton-Schulz iterates in unless norm_kwargs name one
+
+
+def iteration_dtype(norm_kwargs: dict) -> torch.dtype:
+    """The dtype a Spectral group with ``norm_kwargs`` iterates Newton-Schulz in (its "dtype", default bf16)."""
+    name = norm_kwargs.get("dtype")
+    return NS_DTYPE if name is None else name if isinstance(name, torch.dtype) else getattr(torch, name)
+
+
+def ns_bytes(shape: tuple[int, ...], itemsize: int, steps: int = 5) -> int:
+    """Least bytes Newton-Schulz's own iteration moves for a (b, m, n) or (m, n) input: per step it reads
+    X and writes X once, in the iteration dtype (``itemsize`` bytes): 2 · steps · b·m·n · itemsize.
+    Not counted (a floor): the m x m intermediates X Xᵀ and A A (m <= n; they stay on chip where m is
+    small), the read of G for its norm and the write of X₀ = G / ‖G‖ (fused into the first step), and
+    the read of the last X by the update (fused into the last step)."""
+    return 2 * steps * math.prod(shape) * itemsize
+
+
+def step_bytes(groups, itemsize: int, momentum: float) -> int:
+    """Floor of the bytes one Scion step moves over ``groups`` ([(group, norm, norm_kwargs, [(name,
+    shape)])], as Model.groups() gives them), params and grads of ``itemsize`` bytes:
+    every param's update read + written once (``update_bytes``: read g, read + write p, and read + write
+    the momentum buffer when momentum != 1), plus for each Spectral param Newton-Schulz's own traffic
+    (``ns_bytes``, in the group's iteration dtype and steps). Line norms (ColNorm, RowNorm, Sign,
+    BiasRMS) are counted as one fused pass: their line norms are reduced on chip."""
+    numel = ns = 0
+    for _, norm, kwargs, shapes in groups:
+        for _, shape in shapes:
+            numel += math.prod(shape)
+            if norm == "Spectral":
+                ns += ns_bytes(shape, iteration_dtype(kwargs).itemsize, kwargs.get("steps", 5))
+    return update_bytes(numel, itemsize, momentum) + ns
+
+
+def make_groups(model: Model, dtype, device, generator, ns_dtype: torch.dtype = NS_DTYPE) -> list[dict]:
+    """Param groups of ``model`` with random params and grads (the keys dk.Scion and the reference loop
+    take); Spectral's Newton-Schulz iterates in ``ns_dtype`` (its default, bf16, unless given)."""
+    groups = []
+    for _, norm, kwargs, shapes in model.groups():
+        if norm == "Spectral" and ns_dtype != NS_DTYPE:
+            kwargs = {**kwargs, "dtype": str(ns_dtype).removeprefix("torch.")}
+        params = []
+        for _, shape in shapes:
+            p = torch.randn(shape, generator=generator, device=device).to(dtype)
+            p.grad = torch.randn(shape, generator=generator, device=device).to(dtype)
+            params.append(p)
+        groups.append({"params": params, "norm": norm, "norm_kwargs": dict(kwargs), "scale": 1.0})
+    return groups

@@ -5,6 +5,7 @@ Speed targets live in ``python -m bench``, never here.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -13,11 +14,12 @@ import torch
 
 import disco_kernels as dk
 
-from . import baselines, fused_update, newton_schulz, optimizer_step, power_iteration, report
+from . import baselines, compare, fused_update, newton_schulz, optimizer_step, power_iteration, report
 from .__main__ import main
 from .case import Case, Check, Plan, measure, oracle, tolerances
 from .device import Device, table_peaks
-from .shapes import GPT2_124M, PROXY, ns_floor_flops, ns_flops
+from .memory import peak_extra_bytes, running_peak
+from .shapes import GPT2_124M, PROXY, ns_floor_flops, ns_flops, step_bytes
 
 # Fixed peaks: the tests check the arithmetic, not this machine.
 CPU = Device(torch.device("cpu"), "cpu (test)", "measured", {"fp32": 0.05, "bf16": 0.05}, 10.0)
@@ -95,6 +97,113 @@ def test_ns_flops_plain_and_symmetric_floor():
     assert case.floor_flops == ns_floor_flops(tuple(map(int, case.shape.split("x"))))
     assert case.floor_seconds(CPU) == case.flops / 0.05e12  # DESIGN.md's share of peak: 4m²n + 2m³
     assert case.floor_seconds(CPU, case.floor_flops) == case.floor_flops / 0.05e12
+
+
+def test_step_bytes_floor_is_an_independent_count():
+    """Floor of a step's bytes for a tiny param list, counted by hand: every element of every param reads
+    g and reads + writes p (fp32: 4 + 8 bytes) and, with momentum, reads + writes its buffer (8 more);
+    each Spectral param's Newton-Schulz reads and writes X once per step in its iteration dtype."""
+    groups = [("input", "ColNorm", {"transpose": True}, [("embed", (10, 4))]),
+              ("hidden", "Spectral", {}, [("w", (3, 5)), ("batch", (2, 3, 5))]),                 # bf16, 5 steps
+              ("hidden32", "Spectral", {"dtype": "float32", "steps": 3}, [("v", (4, 6))]),     # fp32, 3 steps
+              ("vectors", "BiasRMS", {}, [("gain", (7,))])]
+    numel = 40 + 15 + 30 + 24 + 7
+    newton_schulz_bytes = 5 * (2 * 15 * 2) + 5 * (2 * 30 * 2) + 3 * (2 * 24 * 4)
+    assert step_bytes(groups, 4, momentum=0.1) == numel * (4 + 8 + 8) + newton_schulz_bytes
+    assert step_bytes(groups, 4, momentum=1.0) == numel * (4 + 8) + newton_schulz_bytes
+    assert step_bytes(groups, 2, momentum=1.0) == numel * (2 + 4) + newton_schulz_bytes
+
+
+def test_peak_extra_bytes_counts_the_temporaries():
+    """(x * 2) + 1 holds two x-sized tensors at once (the product, then the sum), an in-place op none; memory
+    allocated before the call does not count."""
+    x = torch.randn(256, 512)
+    cpu = torch.device("cpu")
+    small = 1024  # the 0-d tensors of wrapped Python scalars
+    assert 2 * x.nbytes <= peak_extra_bytes(lambda: (x * 2) + 1, cpu) < 2 * x.nbytes + small
+    assert 0 <= peak_extra_bytes(lambda: x.mul_(1.5), cpu) < small
+    assert running_peak([(2, -5), (0, 10), (1, 3), (3, 4)]) == 13   # in time order: 10, 13, 8, 12
+    assert running_peak([(0, -8)]) == 0                               # freeing older memory: no extra
+
+
+def test_captured_row_only_with_a_gpu_and_captured_step(monkeypatch):
+    """The captured-vs-eager row (GPT-2 124M, bf16) is planned only on CUDA with dk.CapturedStep; its build
+    runs on the CPU with dk.CapturedStep where the package has it (every step eager there, after a notice)
+    and with a stand-in that steps eagerly."""
+    class StandIn:
+        def __init__(self, optimizer):
+            self.step = optimizer.step
+    assert optimizer_step.captured_cases(PLAN) == []
+    if hasattr(dk, "CapturedStep"):
+        step, check = optimizer_step._captured_build(PLAN, GPT2_124M.scaled(24), "captured")()
+        with pytest.warns(UserWarning, match="CapturedStep"):
+            step()
+        step()
+        assert check is None
+    monkeypatch.setattr(dk, "CapturedStep", StandIn, raising=False)
+    gpu = Plan(Device(torch.device("cuda"), "gpu (test)", "measured", {"bf16": 1.0}, 1.0), "smoke", (torch.bfloat16,))
+    assert optimizer_step.captured_cases(PLAN) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert optimizer_step.captured_cases(PLAN) == []   # a CPU plan, even where a GPU is there
+    cases = optimizer_step.captured_cases(gpu)
+    assert [(c.impl, c.baseline, c.dtype, c.model) for c in cases] == [
+        ("eager", True, torch.bfloat16, "gpt2-124m/24"), ("captured", False, torch.bfloat16, "gpt2-124m/24")]
+    for impl in ("eager", "captured"):
+        step, check = optimizer_step._captured_build(PLAN, GPT2_124M.scaled(24), impl)()
+        step()
+        assert check is None
+
+
+class _FakeSide:
+    """A bench.compare worker that takes ``ms`` per step and logs what it is asked into ``log``."""
+
+    def __init__(self, name, ms, log, fail=False):
+        self.name, self.ms, self.log, self.fail = name, ms, log, fail
+
+    def request(self, op, **msg):
+        self.log.append(f"{op} {self.name}")
+        if op == "build" and self.fail:
+            raise compare.SideError(f"{self.name}: cannot build")
+        return {"seconds": [self.ms / 1e3] * msg.get("n", msg.get("warmup", 1))} if op in ("build", "time") else {}
+
+
+def test_compare_interleaves_the_sides_and_reports_errors():
+    """Both sides build, then timed bursts alternate with the order flipped every round (so drift falls on
+    both alike); a side that fails gives the case an error row and frees both."""
+    log = []
+    sides = {"base": _FakeSide("base", 20.0, log), "current": _FakeSide("current", 10.0, log)}
+    row = compare.compare_case(sides, {"op": "build", "warmup": 1}, (0.0, 2, 10, 0.0))
+    assert log == ["build base", "build current", "time base", "time current", "time current", "time base",
+                   "free base", "free current"]
+    assert row["status"] == "ok" and row["rounds"] == 2 and row["speedup"] == pytest.approx(2.0)
+    assert (row["base_ms"], row["current_ms"], row["ratio_q1"], row["ratio_q3"]) == pytest.approx((20, 10, 2, 2))
+    log.clear()
+    sides["base"].fail = True
+    row = compare.compare_case(sides, {"op": "build", "warmup": 1}, (0.0, 2, 10, 0.0))
+    assert row == {"status": "error: base: cannot build"} and log == ["build base", "free base", "free current"]
+
+
+@pytest.mark.slow
+def test_compare_against_head_writes_its_table(tmp_path):
+    """bench.compare in its smoke preset against HEAD: a worktree of HEAD and the working tree, each in its
+    own process, every smoke model timed on both sides (numbers, not speeds, are checked), the worktree
+    removed afterwards."""
+    try:
+        compare._git("rev-parse", "--verify", "HEAD")
+    except Exception:
+        pytest.skip("not in a git checkout")
+    out = compare.main(["--base", "HEAD", "--smoke", "--out", str(tmp_path / "c")])
+    with (out / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["dtype"], r["impl"]) for r in rows] == [
+        ("gpt2-124m/24", "fp32", "torch"), ("proxy-4x256/8", "fp32", "torch")]
+    for r in rows:
+        assert r["status"] == "ok" and int(r["rounds"]) == 2
+        base, current = float(r["base_ms"]), float(r["current_ms"])
+        assert base > 0 and current > 0 and float(r["speedup"]) == pytest.approx(base / current)
+    table = (out / "compare.md").read_text()
+    assert "| model | dtype | impl | base ms | current ms | speedup |" in table and "gpt2-124m/24" in table
+    assert str(tmp_path) not in compare._git("worktree", "list")
 
 
 def test_interpreted_triton_is_timed_only_when_named(monkeypatch):
@@ -190,6 +299,10 @@ def test_cli_writes_results_and_plots(tmp_path):
     assert {r["suite"] for r in rows} == {"newton_schulz", "step"}
     assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["share_of_peak"] > 0 for r in rows)
     assert all(math.isfinite(r["speedup_vs_reference"]) for r in rows if r["impl"] != "reference")
+    for r in (r for r in rows if r["suite"] == "step"):  # floor bytes beyond the update's; memory measured
+        assert r["floor_bytes"] > r["bytes"] > 0 and "floor_bytes_share" not in r   # (a GPU-only share)
+        assert r["peak_extra_bytes"] > 0 and r["reference_peak_extra_bytes"] > 0
+    assert "extra MB" in report.table(rows)
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == len(rows) + 1
     for png in ("time_vs_size.png", "share_of_peak.png"):
