@@ -1,6 +1,8 @@
-"""Fused Scion updates (Sign, RowNorm, ColNorm, BiasRMS) on the tensors a model gives each.
+"""Fused Scion updates (Sign, RowNorm, ColNorm, BiasRMS) on the tensors a model gives each, and the
+Newton-Schulz apply pass (``apply_update``: p (1 - lr) - lr scale alpha X, bf16 X) on its hidden matrices.
 
-Bandwidth-bound: the floor reads p, g, buf and writes p, buf once. Ours:
+Bandwidth-bound: the floor reads p, g, buf and writes p, buf once (the apply pass: reads p and X,
+writes p). Ours:
 ``dk.ops.fused_update`` per backend and torch.compile of the reference loop;
 baseline: the reference per-parameter loop. Error: of the update term u of
 p_new = p (1 - lr) - lr u (the decay would hide it in p_new - p) against
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 
 import disco_kernels as dk
+
+from disco_kernels.ops.fused_update import apply_update
 
 from .baselines import reference_lmo, reference_update_all_
 from .case import Case, Check, Plan, compiled, kernels, oracle, plain_dtype, update_term
@@ -86,6 +90,65 @@ def _case(plan, model, name, lmo, flags, shapes, dtype, impl, baseline, fn) -> C
                 warmup=3 if impl == "compile" else 1)
 
 
+# -- the Newton-Schulz apply pass ----------------------------------------------------------------------
+
+X_DTYPE = torch.bfloat16  # Newton-Schulz's default iteration dtype: X reaches the apply pass in bf16
+
+
+def apply_shapes(model) -> list[tuple[int, ...]]:
+    """One hidden matrix of each distinct shape of the model (the pass is per matrix, bandwidth-bound)."""
+    hidden = next(shapes for g, _, _, shapes in model.groups() if g == "hidden")
+    return list(dict.fromkeys(s for _, s in hidden))
+
+
+def _alphas(shapes):
+    return [(d_out / d_in) ** 0.5 for d_out, d_in in shapes]  # Spectral's sqrt(d_out / d_in)
+
+
+def _reference_apply(ps, xs, alphas):
+    """The reference's apply: p *= 1 - lr, then p -= lr scale alpha X (X widened to p's dtype), per param."""
+    for p, x, a in zip(ps, xs, alphas):
+        p.mul_(1 - LR)
+        p.add_(x.to(p.dtype) * (SCALE * a), alpha=-LR)
+
+
+def _apply_impls(plan: Plan):
+    out = []
+    for b in plan.our_impls(kernels("fused_update")):
+        if b == "compile":
+            out.append((b, False, lambda ps, xs, alphas: compiled(_reference_apply)(ps, xs, alphas)))
+        else:
+            out.append((b, False, lambda ps, xs, alphas, b=b: apply_update(ps, xs, alphas, lr=LR, scale=SCALE,
+                                                                           backend=b)))
+    out.append(("reference", True, _reference_apply))
+    return [x for x in out if plan.wants(x[0])]
+
+
+def _apply_case(plan, model, shapes, dtype, impl, baseline, fn) -> Case:
+    alphas = _alphas(shapes)
+
+    def build():
+        gen, dev = plan.generator(), plan.device.torch_device
+        ps = [torch.randn(s, generator=gen, device=dev).to(dtype) for s in shapes]
+        xs = [torch.randn(s, generator=gen, device=dev).to(X_DTYPE) for s in shapes]
+
+        def run():  # 16-bit p from 0, as the fused cases
+            p0 = [p.clone() if p.element_size() >= 4 else torch.zeros_like(p) for p in ps]
+            mine = [p.clone() for p in p0]
+            fn(mine, xs, alphas)
+            ours = torch.cat([update_term(p, q, LR).flatten() for p, q in zip(p0, mine)])
+            terms = {d: torch.cat([update_term(p.to(d), p.to(d) * (1 - LR) - LR * (SCALE * a * x.to(d)), LR).flatten()
+                                   for p, x, a in zip(p0, xs, alphas)])  # the step restated in d, as the
+                     for d in (torch.float64, plain_dtype(dtype))}         # fused cases' oracle step
+            return {"apply": ours}, {"apply": terms[torch.float64]}, {"apply": terms[plain_dtype(dtype)]}
+        return lambda: fn(ps, xs, alphas), Check(run, dtype)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    shape = "x".join(map(str, shapes[0])) + (f" +{len(shapes) - 1}" if len(shapes) > 1 else "")
+    return Case("fused_update", model, "Spectral apply (bf16 X)", shape, dtype, impl, baseline, flops=0,
+                bytes=numel * (2 * dtype.itemsize + X_DTYPE.itemsize), bound="memory", build=build,
+                warmup=3 if impl == "compile" else 1)
+
+
 def cases(plan: Plan) -> list[Case]:
     out = []
     for model in for_preset(OP_MODELS, plan.preset, plan.device.torch_device):
@@ -93,4 +156,7 @@ def cases(plan: Plan) -> list[Case]:
             for dtype in plan.dtypes:
                 for impl, is_base, fn in _impls(plan, lmo, flags):
                     out.append(_case(plan, model.label, name, lmo, flags, shapes, dtype, impl, is_base, fn))
+        for dtype in plan.dtypes:
+            for impl, is_base, fn in _apply_impls(plan):
+                out.append(_apply_case(plan, model.label, apply_shapes(model), dtype, impl, is_base, fn))
     return out
