@@ -275,3 +275,21 @@ def test_kernels_run_on_the_tensors_gpu(backend):
         results.append([t.cpu() for t in (ns, sigma, v, p, buf)])
     for a, b in zip(*results):  # same kernels on the same data; only reduction order may differ
         torch.testing.assert_close(a, b)
+
+
+def test_fused_update_backend_choice_on_cpu():
+    """fused_update's choice from kind and line dims (no norm names): CPU tensors run on torch under "auto",
+    on a forced available backend as asked, and a forced CUDA kernel without a GPU is refused by name, also
+    through a norm's ``check_backend`` (which the optimizer calls before a step)."""
+    import importlib
+    fu = importlib.import_module("disco_kernels.ops.fused_update")
+    p, x = torch.zeros(4, 6), torch.zeros(4, 6, dtype=torch.bfloat16)
+    for kind, dims in (("line", [-2]), ("sign", [-1]), ("scaled", [-1])):
+        assert fu.choose_backend("auto", [p], [x], None, kind, dims, False) == "torch"
+        for backend in dk.available_backends("cpu"):
+            assert fu.choose_backend(backend, [p], [x], None, kind, dims, False) == backend
+        with pytest.raises(RuntimeError, match=r"^backend='cuda' is unavailable for fused_update"):
+            fu.choose_backend("cuda", [p], [x], None, kind, dims, False)
+    with pytest.raises(RuntimeError, match=r"^backend='cuda' is unavailable for fused_update"):
+        dk.lmo.ColNorm(transpose=True).check_backend("cuda", (4, 6), p, p)
+    dk.lmo.ColNorm(transpose=True).check_backend("torch", (4, 6), p, p)
