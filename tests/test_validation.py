@@ -112,6 +112,19 @@ def test_fused_update_norm_messages():
         dk.ops.fused_update(p, p, lmo=Bad(-1, float("nan")), lr=0.1)
 
 
+def test_fused_update_op_messages():
+    """The custom op called directly: a kind it has, one line dim and alpha per param."""
+    p = [torch.zeros(3, 3)]
+    with pytest.raises(ValueError, match=exact("fused_update: kind must be one of ('sign', 'scaled', 'line') with one "
+                                               "line dim and alpha per param, got 'RowNorm', 1 dims and 1 alphas for "
+                                               "1 params")):
+        torch.ops.disco_kernels.fused_update(p, p, [], "RowNorm", [-1], [1.0], 0.1, 1.0, 1.0, None, False, False,
+                                             "torch")
+    with pytest.raises(ValueError, match="got 'line', 2 dims and 1 alphas for 1 params$"):
+        torch.ops.disco_kernels.fused_update(p, p, [], "line", [-1, -1], [1.0], 0.1, 1.0, 1.0, None, False, False,
+                                             "torch")
+
+
 def test_fused_update_shapes_messages():
     """``shapes``: one full shape per param, of the param's rank; the norm checks the full shape."""
     p = [torch.zeros(3, 4)]

@@ -260,6 +260,9 @@ def _fused_update_op(params: list[torch.Tensor], grads: list[torch.Tensor], bufs
                      hyper: torch.Tensor | None, unconstrained: bool, light: bool, backend: str) -> None:
     if not params:
         return
+    if kind not in KINDS or not len(dims) == len(alphas) == len(params):
+        raise ValueError(f"fused_update: kind must be one of {KINDS} with one line dim and alpha per param, got "
+                         f"{kind!r}, {len(dims)} dims and {len(alphas)} alphas for {len(params)} params")
     impl = choose_backend(backend, params, grads, bufs, kind, dims, light)
     with _backend.on_device(params[0].device):
         _IMPLS[impl](params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, unconstrained, light)
