@@ -200,14 +200,25 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     v = v.to(W.dtype)
     sigma = torch.zeros(W.shape[:-2], dtype=W.dtype, device=W.device)
     for _ in range(iters):
-        u = (W @ v.unsqueeze(-1)).squeeze(-1)
-        w = (W.mT @ u.unsqueeze(-1)).squeeze(-1)
+        u = matvec(W, v)
+        w = matvec(W.mT, u)
         nu = torch.linalg.vector_norm(u, dim=-1)
         nw = torch.linalg.vector_norm(w, dim=-1)
         ok = nw != 0  # not "> 0": NaN must reach sigma
         sigma = torch.where(ok, nw / torch.where(ok, nu, 1), 0)
         v = torch.where(ok.unsqueeze(-1), w / torch.where(ok, nw, 1).unsqueeze(-1), v)
     return sigma, v
+
+
+def matvec(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """W v per matrix of (..., m, n) W, as ``torch.mv`` sums it (on some CPUs a batched matmul with one
+    column sums about twice less exactly than mv's dot products)."""
+    if W.dim() == 2:
+        return torch.mv(W, v)
+    flat, vs = W.reshape(-1, *W.shape[-2:]), v.reshape(-1, v.size(-1))
+    if flat.size(0) == 0:
+        return W.new_zeros(W.shape[:-1])
+    return torch.stack([torch.mv(a, b) for a, b in zip(flat, vs)]).reshape(W.shape[:-1])
 
 
 def default_start_vector(W: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_newton_schulz_fp64_input_keeps_its_norm_in_fp64():
 @pytest.mark.parametrize("dtype", [None, torch.float16, torch.float32])
 def test_newton_schulz_fp16_g_past_its_norm(dtype):
     """The norm accumulates and is kept in fp32: an fp16 G whose norm (~2e5) overflows fp16 still works."""
-    G = randn(8, 12)
+    G = randn(64, 96)  # (not a tiny matrix: its error would be a handful of roundings, luck against the rule)
     G = (G / G.abs().max() * 3e4).half()
     assert torch.linalg.vector_norm(G).isinf()
     X = dk.ops.newton_schulz(G, dtype=dtype, backend="torch")
