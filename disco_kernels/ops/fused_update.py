@@ -193,14 +193,12 @@ def momentum_(bufs, grads, momentum):
 def apply_update_(params, updates, lr, scale, unconstrained):
     """p = p (1 - lr) [unless unconstrained] - lr * (scale * u), as the reference computes it (lr and scale
     numbers or 0-d tensors); ``updates`` are not modified."""
-    updates = torch._foreach_mul(updates, scale)
     if not unconstrained:
         torch._foreach_mul_(params, 1 - lr)
-    if isinstance(lr, torch.Tensor):
-        torch._foreach_mul_(updates, lr)
-        torch._foreach_sub_(params, updates)
-    else:
-        torch._foreach_add_(params, updates, alpha=-lr)
+    if isinstance(lr, torch.Tensor) or isinstance(scale, torch.Tensor):
+        torch._foreach_sub_(params, torch._foreach_mul(updates, lr * scale))
+    else:  # (numbers: one pass, the factor folded into the add)
+        torch._foreach_add_(params, updates, alpha=-lr * scale)
 
 
 def direction(kind: str, d: torch.Tensor, dim: int, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -221,8 +219,12 @@ def _torch(params, grads, bufs, kind, dims, alphas, lr, momentum, scale, hyper, 
     if bufs and not light:
         momentum_(bufs, grads, momentum_v)
         dirs = bufs
-    updates = [direction(kind, d, dim, alpha, p.dtype) for p, d, dim, alpha in zip(params, dirs, dims, alphas)]
-    apply_update_(params, updates, lr_, scale_, unconstrained)
+    if kind == "scaled" and not any(isinstance(x, torch.Tensor) for x in (lr_, scale_)) and len(set(alphas)) == 1:
+        # the Newton-Schulz apply pass: after the decay, one read of d per param, alpha folded into the add
+        apply_update_(params, dirs, lr_, scale_ * alphas[0], unconstrained)
+    else:
+        updates = [direction(kind, d, dim, alpha, p.dtype) for p, d, dim, alpha in zip(params, dirs, dims, alphas)]
+        apply_update_(params, updates, lr_, scale_, unconstrained)
     if light and momentum != 1:
         torch._foreach_mul_(grads, 1 - momentum_v)
 
