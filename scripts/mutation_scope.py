@@ -4,7 +4,7 @@
     python scripts/mutation_scope.py survivors     # in-scope mutants that survived (or never ran)
     python scripts/mutation_scope.py report OUT    # write the score file from mutants/*.meta
 
-In scope: the math and the plan. reference.py, lmo.py and optim.py whole; of ops/ the public
+In scope: the math and the plan. reference.py, lmo.py, engine.py and optim.py whole; of ops/ the public
 functions (their validation), the ``_torch`` paths and the helpers they call; of distributed.py
 the planning functions. Out of scope (mutated by mutmut, never run, counted apart): the CUDA and
 Triton launch code of ops/ (``cuda_unsupported``, ``choose_backend``, ``_cuda``, ``_triton``) and the
@@ -32,10 +32,12 @@ SCOPE = {
     "disco_kernels.reference": ["*"],
     "disco_kernels.lmo": ["*"],
     "disco_kernels.optim": ["*"],
+    "disco_kernels.engine": ["*"],
     "disco_kernels.ops.newton_schulz": ["x_newton_schulz", "x_accumulate_dtype", "x__torch"],
     "disco_kernels.ops.power_iteration": ["x_power_iteration", "x__torch"],
-    "disco_kernels.ops.fused_update": ["x_fused_update", "x_lmo_fn", "x_momentum_", "x_apply_update_", "x__torch"],
-    "disco_kernels.distributed": ["x_layout", "x_route", "x_reduction", "x__shard_local", "x_ns_flops",
+    "disco_kernels.ops.fused_update": ["x_fused_update", "x_apply_update", "x__as_norm", "x__shapes", "x__line_dim", "x__alpha", "x__hyper",
+                                      "x_read_hyper", "x_momentum_", "x_apply_update_", "x_direction", "x__torch"],
+    "disco_kernels.distributed": ["x_layout", "x_route", "x_ns_flops",
                                   "x_assign_owners", "x_plan_rounds", "x_row_splits", "x_order_items",
                                   "x_schedule", "x_sharded_splits"],
 }
