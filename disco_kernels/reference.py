@@ -215,10 +215,11 @@ def matvec(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     column sums about twice less exactly than mv's dot products)."""
     if W.dim() == 2:
         return torch.mv(W, v)
-    flat, vs = W.reshape(-1, *W.shape[-2:]), v.reshape(-1, v.size(-1))
-    if flat.size(0) == 0:
+    b = math.prod(W.shape[:-2])
+    if b == 0:
         return W.new_zeros(W.shape[:-1])
-    return torch.stack([torch.mv(a, b) for a, b in zip(flat, vs)]).reshape(W.shape[:-1])
+    flat, vs = W.reshape(b, *W.shape[-2:]), v.reshape(b, v.size(-1))
+    return torch.stack([torch.mv(a, x) for a, x in zip(flat, vs)]).reshape(W.shape[:-1])
 
 
 def default_start_vector(W: torch.Tensor) -> torch.Tensor:
