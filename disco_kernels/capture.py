@@ -43,18 +43,17 @@ they do at capture is replayed with the step).
 """
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from ._validate import number
+from ._validate import hyper
+from .engine import HYPER_RANGES
 from .optim import Scion
 
 LIVE = ("lr", "momentum", "scale")  # the hyper-parameters that a replay reads from tensors
-_BOUNDS = {"lr": (0.0, math.inf), "momentum": (0.0, 1.0), "scale": (-math.inf, math.inf)}  # as Scion checks them
 _NOT_READ = ("grad_state",)  # state entries the step does not read (ScionLight's copy of p.grad for state_dict)
 WARN_AFTER_CAPTURES = 8  # captures of one CapturedStep after which a re-capture warns (once)
 
@@ -153,14 +152,8 @@ def _is_one(v) -> bool:
 
 def _value(v, key: str):
     """A number from a group value (a checked float; a CPU tensor is read for free), or the device tensor."""
-    if isinstance(v, torch.Tensor):
-        if v.dim() != 0 or not v.is_floating_point():
-            raise TypeError(f"{key} must be a real number or a 0-d floating-point tensor, got a tensor of shape "
-                            f"{tuple(v.shape)} and dtype {v.dtype}")
-        if v.device.type != "cpu":
-            return v
-        v = v.item()
-    return number(v, key, *_BOUNDS[key])
+    v = hyper(v, key, *HYPER_RANGES[key])
+    return v if isinstance(v, torch.Tensor) and v.device.type != "cpu" else float(v)
 
 
 class CapturedStep:

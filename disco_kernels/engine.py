@@ -17,6 +17,7 @@ a buffer (its value is not read on the host), so a step over tensors never syncs
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,12 +49,15 @@ def param_name(group: dict, gi: int, i: int) -> str:
     return f"{param_where(group.get('param_names'), gi, i)} (shape {tuple(group['params'][i].shape)})"
 
 
+# The hyper-parameters a step reads, with their ranges (momentum is one minus the usual factor: 0.1 means
+# 0.9 in torch.optim.SGD terms); each a number or a 0-d tensor.
+HYPER_RANGES = {"lr": (0.0, math.inf), "momentum": (0.0, 1.0), "scale": (-math.inf, math.inf)}
+
+
 def check_hyper(group: dict) -> None:
-    """Validate a group's numbers: lr >= 0, momentum in [0, 1] (one minus the usual factor: 0.1 means 0.9
-    in SGD terms), scale finite, unconstrained a bool. Numbers or 0-d tensors."""
-    hyper(group["lr"], "lr", 0.0)
-    hyper(group["momentum"], "momentum", 0.0, 1.0)
-    hyper(group["scale"], "scale")
+    """Validate a group's numbers (``HYPER_RANGES``) and its ``unconstrained`` flag."""
+    for key, (low, high) in HYPER_RANGES.items():
+        hyper(group[key], key, low, high)
     flag(group["unconstrained"], "unconstrained")
 
 
