@@ -58,8 +58,11 @@ TUNE_LR_FACTORS = (1 / 2, 2)  # default --tune-lrs, relative to --lr
 # 64-byte sequences, so that 3 budgets x 5 lrs x 3 batch sizes take about 15 minutes on 2 cores
 # (the lr grid 2^-3 ... 2^1 brackets its optimum); on a GPU the proxy shape (dim 256, 4 layers) at
 # 256-byte sequences and 32x larger budgets.
+# A run on a CPU takes 120 steps: on the 2-core AVX2 machine a proxy step takes ~1.7 s (the model's own
+# forward and backward), and the main job (benchmark + demo) must stay under 10 minutes there.
 RUN_DEFAULTS = {"quick": dict(preset="tiny", steps=40, batch_size=8, seq_len=64, lr=2 ** -3),
-                "full": dict(preset="proxy", steps=300, batch_size=16, seq_len=128, lr=2 ** -3)}
+                "cpu": dict(preset="proxy", steps=120, batch_size=16, seq_len=128, lr=2 ** -3),
+                "cuda": dict(preset="proxy", steps=300, batch_size=16, seq_len=128, lr=2 ** -3)}
 SWEEP_DEFAULTS = {"quick": dict(RUN_DEFAULTS["quick"], tokens=(2 ** 13, 2 ** 14)),
                   "cpu": dict(preset="tiny", steps=256, batch_size=16, seq_len=64, lr=2 ** -1,
                               tokens=(2 ** 17, 2 ** 18, 2 ** 19)),
@@ -169,15 +172,17 @@ def _progress(steps: int, enabled: bool):
 
 def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch_size: int = 16, seq_len: int = 128,
           device="cpu", seed: int = 0, data=None, monitor_every: int = 10, progress: bool = True,
-          rank: int = 0, world_size: int = 1, log=print) -> dict:
-    """Train once; returns {"rows": per-step dicts, "norms": NormMonitor history, "summary": dict}."""
+          rank: int = 0, world_size: int = 1, log=print, ns_dtype: str = "bfloat16") -> dict:
+    """Train once; returns {"rows": per-step dicts, "norms": NormMonitor history, "summary": dict}.
+    ``ns_dtype``: the hidden layers' Newton-Schulz iteration dtype."""
     device = torch.device(device)
     data = load_corpus() if data is None else data
     split = data.numel() * 15 // 16
     train_data, val_data = data[:split], data[split:]
     torch.manual_seed(seed)
     model = NormEverywhereLM(PRESETS[preset]).to(device)
-    opt = Scion(param_groups(model, lr=lr), lr=lr, momentum=1.0, unconstrained=True,
+    groups = param_groups(model, lr=lr, settings={"hidden": {"norm_kwargs": {"dtype": ns_dtype}}})
+    opt = Scion(groups, lr=lr, momentum=1.0, unconstrained=True,
                 process_group="default" if world_size > 1 else None)
     monitor = NormMonitor(model, opt, every=monitor_every)
     net = model
@@ -353,9 +358,12 @@ def _target_norm(text: str):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m disco_kernels.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--ns-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="Newton-Schulz iteration dtype (auto: bfloat16 on a GPU as the paper, float32 on a CPU, "
+                        "where bf16 matmuls without native support run tens of times slower)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="model shape (default proxy; tiny with --quick or a CPU sweep)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300; 40 with --quick)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300 on a GPU, 120 on a CPU; 40 with --quick)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="input/output lr; hidden gets lr/8 (default 2^-3; 2^-1 for a CPU sweep)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -389,7 +397,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--sweep and --tune-by-norm are separate modes")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    mode = "quick" if args.quick else args.device if args.sweep else "full"
+    mode = "quick" if args.quick else args.device
     defaults = (SWEEP_DEFAULTS if args.sweep else RUN_DEFAULTS)[mode]
     for key in ("preset", "steps", "batch_size", "seq_len", "lr"):
         if getattr(args, key) is None:
@@ -423,7 +431,9 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     data = load_corpus(1 << 21 if args.quick else 1 << 24)
-    common = dict(seq_len=args.seq_len, device=device, seed=args.seed, data=data, monitor_every=args.monitor_every)
+    ns_dtype = args.ns_dtype if args.ns_dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    common = dict(seq_len=args.seq_len, device=device, seed=args.seed, data=data, monitor_every=args.monitor_every,
+                  ns_dtype=ns_dtype)
     if args.sweep:
         return _sweep(args, out, common)
     tune = _tune(args, common) if args.tune_by_norm else None

@@ -236,7 +236,8 @@ def test_sweep_defaults_per_machine(monkeypatch):
     gpu = train.parse_args(["--sweep", "--device", "cuda"])
     assert (gpu.preset, gpu.seq_len, gpu.sweep_tokens) == ("proxy", 256, [2 ** 22, 2 ** 23, 2 ** 24])
     plain = train.parse_args(["--device", "cpu"])
-    assert (plain.preset, plain.steps, plain.batch_size, plain.seq_len, plain.lr) == ("proxy", 300, 16, 128, 2 ** -3)
+    assert (plain.preset, plain.steps, plain.batch_size, plain.seq_len, plain.lr) == ("proxy", 120, 16, 128, 2 ** -3)
+    assert (plain.ns_dtype, train.parse_args(["--device", "cuda"]).steps) == ("auto", 300)
     mine = train.parse_args(["--sweep", "--preset", "small", "--seq-len", "32", "--device", "cuda"])
     assert (mine.preset, mine.seq_len) == ("small", 32)  # flags beat the defaults
 
