@@ -61,9 +61,14 @@ def check_hyper(group: dict) -> None:
     flag(group["unconstrained"], "unconstrained")
 
 
+def _averages(momentum) -> bool:
+    """Whether momentum mixes steps (momentum != 1); a tensor's value is not read on the host: always."""
+    return isinstance(momentum, torch.Tensor) or momentum != 1
+
+
 def uses_buffer(momentum, light: bool) -> bool:
-    """Whether a step keeps a momentum buffer: Scion with momentum != 1, or any tensor momentum."""
-    return not light and (isinstance(momentum, torch.Tensor) or momentum != 1)
+    """Whether a step keeps a momentum buffer (Scion; ScionLight keeps its momentum in p.grad)."""
+    return not light and _averages(momentum)
 
 
 @dataclass
@@ -236,9 +241,8 @@ class Engine:
         group = part.group
         apply_update(local(part.params), updates, alphas, lr=group["lr"], scale=group["scale"],
                      unconstrained=group["unconstrained"], backend=self.backend)
-        momentum = group["momentum"]
-        if self.light and (isinstance(momentum, torch.Tensor) or momentum != 1):
-            torch._foreach_mul_(local(part.grads()), 1 - momentum)
+        if self.light and _averages(group["momentum"]):
+            torch._foreach_mul_(local(part.grads()), 1 - group["momentum"])
 
     def _run_newton_schulz(self, part: Part) -> None:
         """Momentum, one batched Newton-Schulz call on the part's (b, m, n) directions, one apply pass."""
@@ -263,7 +267,8 @@ class Engine:
     def _batch(self, part: Part):
         """(batch, views): the part's momentum buffers as views of one contiguous (b, *shape) tensor, which
         the state holds; packed on first use (and again after load_state_dict replaced the buffers). None
-        where buffers cannot share one tensor (DTensors, a param listed twice, mixed gradient dtypes)."""
+        where buffers cannot share one tensor (line norms' parts, DTensors, mixed gradient dtypes). (A param
+        listed twice is in two parts of one param each, which share the same batch.)"""
         params = part.params
         key = tuple(id(p) for p in params)
         state = self.opt.state
@@ -271,7 +276,7 @@ class Engine:
         if cached is not None and all(state[p].get("momentum_buffer") is v for p, v in zip(params, cached[1])):
             return cached
         grads = part.grads()
-        if (part.norm.kind is not None or len(set(key)) < len(key) or any(hasattr(p, "to_local") for p in params)
+        if (part.norm.kind is not None or any(hasattr(p, "to_local") for p in params)
                 or len({(g.dtype, g.device) for g in grads}) != 1):
             return None
         for other in [k for k in self._batches if set(k) & set(key)]:  # (a batch these params leave)

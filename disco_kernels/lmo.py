@@ -175,9 +175,6 @@ class LineNorm(Norm):
         """-1: the lines are rows (a vector is one line); -2: they are columns."""
         raise NotImplementedError
 
-    def alpha(self, shape) -> float:
-        raise NotImplementedError
-
     def lmo(self, g, *, backend="auto"):
         self.check(g.shape)
         return reference.line_lmo(g, self.line_dim(g.shape), self.alpha(g.shape))
