@@ -245,13 +245,14 @@ class Engine:
             torch._foreach_mul_(local(part.grads()), 1 - group["momentum"])
 
     def _run_newton_schulz(self, part: Part) -> None:
-        """Momentum, one batched Newton-Schulz call on the part's (b, m, n) directions, one apply pass."""
-        shape = tuple(part.params[0].shape)
+        """Momentum, batched Newton-Schulz on the part's (b, *local shape) directions (one call per shape of
+        block: ``orthogonalise_param``), one apply pass with the alphas of the full shape. A shard that holds
+        whole matrices (experts of a Shard(0) param with batch_dims=1) runs here on its own."""
         dirs, G = self._directions(part)  # G: the momentum buffers themselves, when packed (no stack copy)
         if G is None:
             G = dirs[0].unsqueeze(0) if len(dirs) == 1 else torch.stack(dirs)
-        X = part.norm.orthogonalise(G.view(len(dirs), shape[0], -1), backend=self.backend)
-        self.apply(part, [x.view(shape) for x in X.unbind(0)], part.alphas())
+        X = part.norm.orthogonalise_param(G, backend=self.backend)
+        self.apply(part, list(X.unbind(0)), part.alphas())
 
     # -- momentum buffers -------------------------------------------------------------------------
 

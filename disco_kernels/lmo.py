@@ -5,7 +5,8 @@ extras) and offers ``lmo(g)``, ``init(w)`` and ``lmo_many(gs)``, which batches
 same-shaped matrices into one kernel launch. Each norm is declared here once,
 by its ``kind`` and a factor ``alpha(shape)``:
 
-    kind None     (Spectral, SpectralConv)  lmo(g) = NS(g) * alpha(shape)
+    kind None     (Spectral, SpectralConv)  lmo(g) = NS(g) * alpha(shape), NS per block of g
+                                            (``_NewtonSchulzNorm.orthogonalise_param``)
     kind "sign"   (Sign)                    lmo(g) = sign(g) * alpha(shape)
     kind "line"   (ColNorm, RowNorm, BiasRMS) lmo(g) = g / (||line||_2 * alpha(shape) + LINE_EPS),
                                             lines along ``line_dim(shape)``
@@ -67,13 +68,6 @@ class Norm:
         fused_backend(backend, [p], [g], None, self.kind, [self.line_dim(shape)], False, name)
 
 
-def _orthogonal_like(w: torch.Tensor) -> torch.Tensor:
-    """A float64 orthogonal matrix of w's shape (same RNG use as the reference)."""
-    w64 = w.detach().double()
-    torch.nn.init.orthogonal_(w64)
-    return w64
-
-
 def _set(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         w.copy_(value.to(w.dtype))
@@ -81,7 +75,13 @@ def _set(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class _NewtonSchulzNorm(Norm):
-    """Shared machinery of Spectral and SpectralConv: batched Newton-Schulz."""
+    """Shared machinery of Spectral and SpectralConv: batched Newton-Schulz on a param's independent
+    matrices. A param is ``batch_dims`` leading dims of matrices (rows: the next dim, columns: the rest);
+    each matrix may be cut along ``split_dim`` (0: rows, 1: columns) into blocks, each orthogonalised on
+    its own and scaled by its own factor ``block_alpha(rows, cols)``."""
+
+    batch_dims = 0
+    split_dim = 0
 
     def __init__(self, steps=5, coefficients="jordan", dtype="bfloat16"):
         reference.ns_schedule(coefficients, count(steps, "steps"))  # validates
@@ -89,56 +89,156 @@ class _NewtonSchulzNorm(Norm):
         self.coefficients = coefficients
         self.dtype = as_dtype(dtype)
 
+    def check(self, shape, name="g"):
+        super().check(shape, name)
+        self._blocks(shape, name)
+
+    def _sizes(self, shape, name: str = "g") -> list[int] | None:
+        """The blocks' sizes along ``split_dim`` of one matrix (None: the matrix is one block); a ValueError
+        naming ``name`` when they cannot cut a param of ``shape``."""
+        return None
+
+    def _blocks(self, shape, name: str = "g") -> list[tuple[int, int, int]]:
+        """(start along ``split_dim``, rows, cols) of each block of one matrix of a param of ``shape``."""
+        bd = self.batch_dims
+        rows, cols = shape[bd], math.prod(shape[bd + 1:])
+        sizes = self._sizes(shape, name)
+        if sizes is None:
+            return [(0, rows, cols)]
+        starts = itertools.accumulate(sizes, initial=0)
+        return [(a, s, cols) if self.split_dim == 0 else (a, rows, s) for a, s in zip(starts, sizes)]
+
+    def matrices(self, shape) -> list[tuple[int, int]]:
+        """(rows, cols) of every independent matrix (block) of a param of ``shape``: what Newton-Schulz runs on."""
+        return [(r, c) for _, r, c in self._blocks(shape)] * math.prod(shape[:self.batch_dims])
+
+    def block_alpha(self, rows: int, cols: int) -> float:
+        """The LMO's factor of one (rows, cols) block (norms whose params may be cut into blocks)."""
+        raise NotImplementedError
+
     def check_backend(self, backend, shape, p, g, name="g"):
-        """As ``Norm.check_backend``, for ``newton_schulz`` on the whole matrix."""
-        G = g.new_empty(()).expand(shape[0], math.prod(shape[1:]))  # the matrix's shape, dtype and device
-        ns_backend(backend, G, self.dtype, self.steps, name)
+        """As ``Norm.check_backend``, for ``newton_schulz`` on each shape of matrix that the param holds."""
+        for rows, cols in dict.fromkeys(self.matrices(shape)):
+            G = g.new_empty(()).expand(rows, cols)  # the matrix's shape, the gradient's dtype and device
+            ns_backend(backend, G, self.dtype, self.steps, name)
 
     def orthogonalise(self, G: torch.Tensor, *, backend="auto") -> torch.Tensor:
-        """Newton-Schulz of (b, m, n) G, per matrix, unscaled (the LMO is this times ``alpha``)."""
+        """Newton-Schulz of (b, m, n) G, per matrix, unscaled."""
         return newton_schulz(G, self.steps, self.coefficients, dtype=self.dtype, backend=backend)
+
+    def orthogonalise_param(self, G: torch.Tensor, *, backend="auto") -> torch.Tensor:
+        """The raw factor X (in ``dtype``) of a (b, *shape) batch of params, ``shape`` as this rank holds it:
+        NS of each block times block_alpha(block) / block_alpha(first block), so that lmo = X * alpha(shape).
+        Same-shaped blocks go through one call; equal blocks of rows (whole matrices, experts, heads) are
+        views of G, the others are stacked and their results written back."""
+        shape = G.shape[1:]
+        bd, d = self.batch_dims, 1 + self.split_dim  # d: the split dim of (matrices, rows, cols)
+        M = G.reshape(len(G) * math.prod(shape[:bd]), shape[bd], math.prod(shape[bd + 1:]))  # a view of packed G
+        blocks = self._blocks(shape)
+        if len(blocks) == 1 or (d == 1 and len({r for _, r, _ in blocks}) == 1):
+            X = self.orthogonalise(M.reshape(len(M) * len(blocks), *blocks[0][1:]), backend=backend)
+            return X.view(G.shape)
+        out = M.new_empty(M.shape, dtype=self.dtype)
+        by_shape = defaultdict(list)
+        for a, r, c in blocks:
+            by_shape[r, c].append(a)
+        for (r, c), starts in by_shape.items():
+            size = (r, c)[d - 1]
+            X = self.orthogonalise(torch.stack([M.narrow(d, a, size) for a in starts], 1).flatten(0, 1),
+                                   backend=backend).unflatten(0, (M.size(0), len(starts)))
+            ratio = self.block_alpha(r, c) / self.block_alpha(*blocks[0][1:])
+            if ratio != 1:
+                X.mul_(ratio)
+            for j, a in enumerate(starts):
+                out.narrow(d, a, size).copy_(X[:, j])
+        return out.view(G.shape)
 
     def lmo(self, g, *, backend="auto"):
         self.check(g.shape)
-        return self.orthogonalise(g.reshape(g.size(0), -1), backend=backend).view(g.shape) * self.alpha(g.shape)
+        return self.orthogonalise_param(g.unsqueeze(0), backend=backend)[0] * self.alpha(g.shape)
 
     def lmo_many(self, gs, *, backend="auto"):
         """Same-shaped tensors go through one batched Newton-Schulz call."""
         return [x * self.alpha(g.shape) for g, x in zip(gs, self.orthogonalise_many(gs, backend=backend))]
 
     def orthogonalise_many(self, gs, *, backend="auto") -> list[torch.Tensor]:
-        """``orthogonalise`` of every tensor in ``gs`` (reshaped to (len, -1); same shapes batched)."""
+        """``orthogonalise_param`` of every tensor in ``gs`` (same shapes batched): the LMOs over their alphas."""
         by_shape = defaultdict(list)
         for i, g in enumerate(gs):
             self.check(g.shape)
             by_shape[tuple(g.shape)].append(i)
         out = [None] * len(gs)
-        for shape, idx in by_shape.items():
-            G = torch.stack([gs[i].reshape(shape[0], -1) for i in idx]) if len(idx) > 1 \
-                else gs[idx[0]].reshape(1, shape[0], -1)
-            for i, x in zip(idx, self.orthogonalise(G, backend=backend).unbind(0)):
-                out[i] = x.view(shape)
+        for idx in by_shape.values():
+            G = torch.stack([gs[i] for i in idx]) if len(idx) > 1 else gs[idx[0]].unsqueeze(0)
+            for i, x in zip(idx, self.orthogonalise_param(G, backend=backend).unbind(0)):
+                out[i] = x
         return out
 
 
 class Spectral(_NewtonSchulzNorm):
     """Spectral norm LMO: NS(g) * sqrt(d_out / d_in) (normalized) or sqrt(d_out); max=True takes max(1, .).
 
-    Extras: ``coefficients`` ("jordan", "polar_express" or (a, b, c) triples) and
-    ``dtype`` of the iteration (bfloat16 by default, as the reference).
+    Extras: ``coefficients`` ("jordan", "polar_express" or (a, b, c) triples) and ``dtype`` of the
+    iteration (bfloat16 by default, as the reference). Blocks, each orthogonalised and scaled as its own
+    matrix, NS(block) * sqrt(rows / cols) (same convention):
+    ``batch_dims=k``: the leading k dims index independent matrices (MoE experts (E, d_out, d_in): 1);
+    ``splits=[a, b, ...]``: each matrix cut along ``split_dim`` (0: rows, the output dim of nn.Linear;
+    1: columns, e.g. GPT-2's Conv1D stored (in, out)) into blocks of these sizes;
+    ``heads=n``: n equal blocks (GQA per head, with unequal q and kv: splits=[head_dim] * (n_q + 2 n_kv)).
     """
 
-    def __init__(self, max=False, normalized=True, steps=5, *, coefficients="jordan", dtype="bfloat16"):
+    def __init__(self, max=False, normalized=True, steps=5, *, coefficients="jordan", dtype="bfloat16",
+                 batch_dims=0, splits=None, heads=None, split_dim=0):
         super().__init__(steps, coefficients, dtype)
         self.max = flag(max, "max")
         self.normalized = flag(normalized, "normalized")
+        self.batch_dims = count(batch_dims, "batch_dims")
+        self.ndims = (2 + batch_dims,)
+        if splits is not None and heads is not None:
+            raise ValueError(f"give splits or heads, not both (got splits={splits!r}, heads={heads!r}); "
+                             "heads of unequal sizes are splits=[head_dim] * (n_q + 2 n_kv)")
+        if splits is not None:
+            if not isinstance(splits, (list, tuple)) or not splits:
+                raise ValueError(f"splits must be a non-empty list of positive ints, got {splits!r}")
+            splits = tuple(count(s, f"splits[{i}]", 1) for i, s in enumerate(splits))
+        self.splits = splits
+        self.heads = None if heads is None else count(heads, "heads", 1)
+        if isinstance(split_dim, bool) or not isinstance(split_dim, int) or split_dim not in (0, 1):
+            raise ValueError(f"split_dim must be 0 (rows) or 1 (columns), got {split_dim!r}")
+        self.split_dim = split_dim
+
+    def _sizes(self, shape, name="g"):
+        if self.splits is None and self.heads is None:
+            return None
+        dim = self.batch_dims + self.split_dim
+        n = shape[dim]
+        if self.splits is not None:
+            if sum(self.splits) != n:
+                raise ValueError(f"Spectral(splits={list(self.splits)}, split_dim={self.split_dim}) cuts dim {dim} of "
+                                 f"{name} (shape {tuple(shape)}): the splits must sum to {n}, they sum to "
+                                 f"{sum(self.splits)}")
+            return list(self.splits)
+        if n % self.heads:
+            raise ValueError(f"Spectral(heads={self.heads}, split_dim={self.split_dim}) cuts dim {dim} of {name} "
+                             f"(shape {tuple(shape)}) into equal heads: {n} is not a multiple of {self.heads}")
+        return [n // self.heads] * self.heads
+
+    def block_alpha(self, rows, cols):
+        return reference.spectral_scale(rows, cols, self.normalized, self.max)
 
     def alpha(self, shape):
-        return reference.spectral_scale(shape[0], shape[1], self.normalized, self.max)
+        """The factor of the first block (of the whole matrix when not cut; see ``orthogonalise_param``)."""
+        return self.block_alpha(*self._blocks(shape)[0][1:])
 
     def init(self, w):
+        """Orthogonal (the reference's draw) per block, in order, times the block's factor."""
         self.check(w.shape, "w")
-        return _set(w, _orthogonal_like(w) * self.alpha(w.shape))
+        w64 = torch.empty(w.shape, dtype=torch.float64, device=w.device)
+        for matrix in w64.view(-1, *w.shape[self.batch_dims:]):
+            for a, r, c in self._blocks(w.shape):
+                block = matrix.narrow(self.split_dim, a, (r, c)[self.split_dim])
+                torch.nn.init.orthogonal_(block).mul_(self.block_alpha(r, c))
+        return _set(w, w64)
 
 
 class SpectralConv(_NewtonSchulzNorm):
@@ -280,7 +380,10 @@ class Sign(Norm):
 
 
 class Auto(Norm):
-    """Spectral for 2-D, SpectralConv for 3-D/4-D, BiasRMS for 0-D/1-D tensors."""
+    """Spectral for 2-D, SpectralConv for 3-D/4-D, BiasRMS for 0-D/1-D tensors (the reference's rule).
+
+    Auto sees only a shape, so a 3-D tensor is a conv kernel here; MoE expert weights (E, d_out, d_in)
+    need ``Spectral(batch_dims=1)``, which ``param_groups`` gives them (role "expert")."""
 
     ndims = (0, 1, 2, 3, 4)
 
