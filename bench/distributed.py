@@ -17,7 +17,10 @@ Llama-3.2-1B parameter lists (bf16 LMO results, fp32 gradients).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
+
+import torch
 
 from disco_kernels import distributed as ddist
 from disco_kernels.lmo import make_norm
@@ -35,7 +38,7 @@ def _params(model):
         concrete = make_norm(norm, kwargs)
         for j, (_, shape) in enumerate(params):
             c = concrete.resolve(shape)
-            route = ddist.route(c, ddist.Layout("sharded"), shape)
+            route = ddist.route(c, ddist.ROW_SHARDS, shape)
             if route == "owner":
                 items.append(ddist.Item(0, len(items), tuple(shape), ddist.ns_flops(shape, c.steps)))
             elif route == "reduce":  # (one sum per line; the lines run along dim 0)
@@ -100,20 +103,117 @@ def rows_for(model, world: int) -> list[dict]:
     return out
 
 
+# -- every layout, from shapes: the pieces each rank holds follow from the placements ----------------
+
+COLWISE = ("c_attn", "c_fc", "attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up", "head")  # TP: output dim cut
+
+
+def _placements(layout: str, tp: int):
+    """(mesh dims, placements of a param by name and rank) of a layout as torchtitan makes it."""
+    from torch.distributed.tensor import Replicate as R
+    from torch.distributed.tensor import Shard as S
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def tp_of(name, ndim):  # colwise Shard(0), rowwise Shard(1), vectors and embeddings replicated
+        if ndim == 2 and name != "embed" and name != "pos_embed":
+            return S(0) if any(c in name for c in COLWISE) else S(1)
+        return R()
+
+    if layout == "hsdp":
+        return lambda name, ndim: (R(), S(0))
+    if layout == "tp":
+        return lambda name, ndim: (tp_of(name, ndim),)
+    if layout == "fsdp_tp":  # FSDP2 over TP: dim 0 cut by both is a strided shard
+        return lambda name, ndim: ((_StridedShard(0, split_factor=tp), S(0)) if tp_of(name, ndim) == S(0)
+                                   else (S(0), tp_of(name, ndim)))
+    raise ValueError(layout)
+
+
+def layout_rows(model, layout: str, mesh_shape: tuple) -> dict:
+    """Bytes received over all ranks per step against the bound, and the largest rank's Newton-Schulz
+    FLOPs against total / world, for ``model`` on ``layout`` over a mesh of ``mesh_shape``."""
+    world = math.prod(mesh_shape)
+    place = _placements(layout, mesh_shape[-1])
+    ranks = torch.arange(world).view(mesh_shape)
+    keyed, cosets, reduce_bytes = {}, {}, 0
+    for _, norm, kwargs, params in model.groups():
+        concrete = make_norm(norm, kwargs)
+        for name, shape in params:
+            c = concrete.resolve(shape)
+            pls = place(name, len(shape))
+            cut = [i for i, pl in enumerate(pls) if ddist._cut(pl) is not None]
+            lay = ddist.Layout("sharded" if cut else "replicated", split_dims=frozenset(ddist._cut(pls[i]) for i in cut))
+            r = ddist.route(c, lay, shape)
+            dims = cut or list(range(len(mesh_shape)))
+            rest = [i for i in range(len(mesh_shape)) if i not in dims]
+            grid = ranks.permute(*rest, *dims).reshape(-1, math.prod(mesh_shape[i] for i in dims))
+            if r == "reduce":  # one fp64 ring all-reduce of the local sums per mesh dim cutting the lines
+                axis = len(shape) + c.line_dim(shape)
+                for coord in itertools.product(*map(range, mesh_shape)):
+                    local = ddist.piece_shape(ddist.piece(shape, mesh_shape, coord, pls))
+                    sums = math.prod(local) // max(1, local[axis])
+                    for i, pl in enumerate(pls):
+                        if ddist._cut(pl) == axis:
+                            w = mesh_shape[i]
+                            reduce_bytes += round(2 * (w - 1) / w * SUM_BYTES * sums)
+            if r != "owner":
+                continue
+            key = (lay.kind, tuple(dims), pls)
+            first = grid[0].tolist()
+            coords = [tuple(int(x) for x in torch.nonzero(ranks == g)[0]) for g in first]
+            pieces = tuple(ddist.piece(shape, mesh_shape, co, pls) for co in coords) if cut else None
+            keyed.setdefault(key, (lay, []))[1].append(ddist.Item(0, 0, tuple(shape), ddist.ns_cost(c, shape), pieces))
+            cosets[key] = tuple(tuple(row) for row in grid.tolist())
+    keys = list(keyed)
+    keyed_items = [(keyed[k][0], ddist.order_items(keyed[k][1])) for k in keys]
+    owners = ddist.assign_all(keyed_items, [cosets[k] for k in keys])
+    got = bound = reduce_bytes
+    loads = [0] * world
+    for (lay, items), k, per_coset in zip(keyed_items, keys, owners):
+        for coset, own in zip(cosets[k], per_coset):
+            n = len(coset)
+            for it, o in zip(items, own):
+                loads[coset[o]] += it.cost
+            _, rounds = ddist.schedule(items, n, LMO_BYTES, owners=own)
+            if lay.kind == "replicated":
+                moved = sum(math.prod(it.shape) for it in items) * (n - 1) * LMO_BYTES
+                got, bound = got + moved, bound + moved
+                continue
+            for rnd in rounds:
+                for me in range(n):
+                    to_owner, from_members = ddist.sharded_splits(items, own, rnd, me, n)
+                    got += (sum(from_members) - from_members[me]) * GRAD_BYTES + (sum(to_owner) - to_owner[me]) * LMO_BYTES
+            bound += sum((math.prod(it.shape) - it.counts(n)[o]) * (GRAD_BYTES + LMO_BYTES) for it, o in zip(items, own))
+    mean = sum(loads) / world
+    biggest = max((it.cost for _, items in keyed_items for it in items), default=0)
+    return {"suite": "distributed", "model": model.name, "world": world, "path": layout,
+            "mesh": "x".join(map(str, mesh_shape)), "bytes_per_step": got, "lower_bound_bytes": bound,
+            "bytes_ratio": round(got / bound, 4) if bound else 1.0,
+            "ns_max_over_mean": round(max(loads) / mean, 4) if mean else 1.0,
+            "ns_max_over_achievable": round(max(loads) / max(mean, biggest), 4) if mean else 1.0,
+            "round_robin_max_over_mean": None, "balance_target": BALANCE_TARGET, "bytes_target": BYTES_TARGET, "status": "ok"}
+
+
+LAYOUTS = [("hsdp", (2, 4)), ("tp", (8,)), ("fsdp_tp", (4, 2)), ("hsdp", (8, 8)), ("fsdp_tp", (8, 8))]
+
+
 def run(quick: bool = True) -> list[dict]:
-    """Rows for GPT-2-small and Llama-3.2-1B at world sizes 8, 64, 256 (and 16, 1024 unless quick)."""
+    """Rows for GPT-2-small and Llama-3.2-1B at world sizes 8, 64, 256 (and 16, 1024 unless quick), and
+    for each model on every layout of ``LAYOUTS``."""
     worlds = (8, 64, 256) if quick else (8, 16, 64, 256, 1024)
-    return [row for model in (GPT2_124M, LLAMA3_1B) for world in worlds for row in rows_for(model, world)]
+    rows = [row for model in (GPT2_124M, LLAMA3_1B) for world in worlds for row in rows_for(model, world)]
+    return rows + [layout_rows(model, lay, mesh) for model in (GPT2_124M, LLAMA3_1B) for lay, mesh in LAYOUTS]
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<11} {'world':>5} {'path':<10} {'GB/step':>9} {'vs bound':>8} {'NS max/mean':>11} " \
+    head = f"{'model':<11} {'world':>5} {'path':<14} {'GB/step':>9} {'vs bound':>8} {'NS max/mean':>11} " \
            f"{'max/achiev.':>11} {'round-robin':>11}"
     lines = [head]
     for r in rows:
-        lines.append(f"{r['model']:<11} {r['world']:>5} {r['path']:<10} {r['bytes_per_step'] / 1e9:>9.3f} "
+        path = r["path"] + (f" {r['mesh']}" if "mesh" in r else "")
+        lines.append(f"{r['model']:<11} {r['world']:>5} {path:<14} {r['bytes_per_step'] / 1e9:>9.3f} "
                      f"{r['bytes_ratio']:>8.3f} {r['ns_max_over_mean']:>11.3f} {r['ns_max_over_achievable']:>11.3f} "
-                     f"{r['round_robin_max_over_mean']:>11.3f}")
+                     f"{'-' if r['round_robin_max_over_mean'] is None else format(r['round_robin_max_over_mean'], '.3f'):>11}")
     return "\n".join(lines)
 
 

@@ -503,19 +503,23 @@ def _check_bytes_and_work(stats, world, kind):
 
 
 def _owner_rows(name, named, world):
-    """Rows the owner of ``name`` holds itself, from the plan the optimizer makes (items by LMO dtype)."""
+    """Rows the owner of ``name`` holds itself. The plan, restated: items keyed by LMO dtype (keys in order
+    of appearance, each sorted by shape), all of them by cost (largest first; ties: key, position), each
+    onto the least-loaded rank over every key (ties: the lowest rank)."""
     keyed = defaultdict(list)
     for names, norm, nk in GROUPS:
         for n in names:
             shape, c = tuple(named[n].shape), dk.lmo.make_norm(norm, nk).resolve(named[n].shape)
             if not n.startswith("unused") and c.kind is None:
-                keyed[c.dtype].append((n, ddist.Item(0, len(keyed[c.dtype]), shape, ddist.ns_flops(shape, c.steps))))
-    pairs = next(v for v in keyed.values() if any(n == name for n, _ in v))
-    ordered = ddist.order_items([it for _, it in pairs])
-    owners, _ = ddist.schedule(ordered, world, 2)
-    pos = next(it.pos for n, it in pairs if n == name)
-    owner = next(o for it, o in zip(ordered, owners) if it.pos == pos)
-    return ddist.row_splits(named[name].shape[0], world)[owner]
+                keyed[c.dtype].append((shape, len(keyed[c.dtype]), n, ddist.ns_flops(shape, c.steps)))
+    entries = sorted((-cost, k, i, n) for k, items in enumerate(keyed.values())
+                     for i, (_, _, n, cost) in enumerate(sorted(items)))
+    loads = [0] * world
+    for neg, _, _, n in entries:
+        owner = loads.index(min(loads))
+        loads[owner] -= neg
+        if n == name:
+            return ddist.row_splits(named[name].shape[0], world)[owner]
 
 
 def _reduce_numel(name, named):
@@ -638,11 +642,13 @@ def test_bench_plan_meets_targets():
     whole-matrix owners can reach (total / world, or the largest matrix when that is more)."""
     from bench import distributed as bench
     rows = bench.run(quick=True)
-    assert {r["world"] for r in rows} == {8, 64, 256} and {r["path"] for r in rows} == {"replicated", "fsdp2"}
+    assert {r["world"] for r in rows} == {8, 64, 256}
+    assert {r["path"] for r in rows} == {"replicated", "fsdp2", "hsdp", "tp", "fsdp_tp"}
     for r in rows:
         assert r["bytes_ratio"] <= bench.BYTES_TARGET, r
         assert r["ns_max_over_achievable"] <= bench.BALANCE_TARGET, r
-        assert r["ns_max_over_mean"] <= r["round_robin_max_over_mean"], r
+        if r["round_robin_max_over_mean"] is not None:
+            assert r["ns_max_over_mean"] <= r["round_robin_max_over_mean"], r
 
 
 @pytest.mark.parametrize("world", WORLDS)

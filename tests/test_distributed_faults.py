@@ -87,8 +87,8 @@ def _attempt(kind, fault):
             extra.grad = torch.randn(4, 4)
             opt = _opt(model, kind, list(model.parameters()) + [extra])
         elif fault == "compute":
-            real = dk.lmo.Spectral.orthogonalise_many  # (the owner's Newton-Schulz)
-            dk.lmo.Spectral.orthogonalise_many = lambda self, gs, **kw: (_ for _ in ()).throw(RuntimeError("kernel died"))
+            real = dk.lmo.Spectral.orthogonalise_param  # (the owner's Newton-Schulz)
+            dk.lmo.Spectral.orthogonalise_param = lambda self, G, **kw: (_ for _ in ()).throw(RuntimeError("kernel died"))
     before = _snapshot(model, opt)
     error = None
     try:
@@ -97,7 +97,7 @@ def _attempt(kind, fault):
         error = (type(e).__name__, str(e))
     finally:
         if rank == BAD and fault == "compute":
-            dk.lmo.Spectral.orthogonalise_many = real
+            dk.lmo.Spectral.orthogonalise_param = real
     params_same = _same([before[0]], [_snapshot(model, opt)[0]])
     state_same = _same([before[1]], [_snapshot(model, opt)[1]])
     if fault == "param list" and rank == BAD:

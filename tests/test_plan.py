@@ -32,7 +32,7 @@ def test_layout_of_plain_tensors():
 
 def test_layout_of_dtensors(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
     t = torch.randn(4, 3)
@@ -40,18 +40,21 @@ def test_layout_of_dtensors(one_rank_group):
     assert sharded.kind == "sharded" and sharded.group is mesh.get_group()
     replicated = ddist.layout(distribute_tensor(t, mesh, [Replicate()]), process_group="ignored for DTensors")
     assert replicated.kind == "replicated" and replicated.group is mesh.get_group()
-    with pytest.raises(NotImplementedError, match=r"Shard\(0\) or Replicate\(\) on a 1-D mesh.*Shard\(dim=1\).*"
-                                                  r"1-D mesh.*shape \(4, 3\)"):
-        ddist.layout(distribute_tensor(t, mesh, [Shard(1)]))
-    mesh2 = init_device_mesh("cpu", (1, 1))
-    for placements in ([Shard(0), Replicate()], [Replicate(), Replicate()], [Shard(0), Shard(0)]):
-        with pytest.raises(NotImplementedError, match="on a 2-D mesh"):
-            ddist.layout(distribute_tensor(t, mesh2, placements))
+    cols = ddist.layout(distribute_tensor(t, mesh, [Shard(1)]))
+    assert cols.kind == "sharded" and cols.split_dims == {1} and cols.members == (0,)
+    assert ddist.layout(distribute_tensor(t, mesh, [Shard(0)])) is sharded  # (cached per mesh object, placements)
+    mesh2 = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+    hsdp = ddist.layout(distribute_tensor(t, mesh2, [Replicate(), Shard(0)]))
+    assert hsdp.kind == "sharded" and hsdp.group is mesh2.get_group(1) and hsdp.split_dims == {0}
+    assert len(hsdp.agree) == 2
+    assert ddist.layout(distribute_tensor(t, mesh2, [Replicate(), Replicate()])).kind == "replicated"
+    with pytest.raises(NotImplementedError, match=r"Partial.*1-D mesh.*shape \(4, 3\)"):
+        ddist.layout(DTensor.from_local(t, mesh, [Partial()]))
 
 
 # -- routes and the line norms' declarations -------------------------------------------------------
 
-SHARDED, REPLICATED = ddist.Layout("sharded"), ddist.Layout("replicated")
+SHARDED, REPLICATED = ddist.ROW_SHARDS, ddist.Layout("replicated")
 
 # (norm, local route on row shards of a matrix?) for every flag of every fused norm: local exactly when the
 # lines are rows (a row shard holds whole lines; alpha comes from the full shape)
