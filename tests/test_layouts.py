@@ -1,6 +1,6 @@
 """Every parallel layout: HSDP and 2-D meshes, tensor parallel, expert parallel, fused projections.
 
-Two jobs (gloo on CPU, a hard timeout each): world 4 as a 2x2 mesh ("dp", "tp") and world 2 as a 1-D mesh.
+Two jobs (gloo on CPU, NCCL with 4 GPUs; a hard timeout each): world 4 as a 2x2 mesh ("dp", "tp") and world 2 as a 1-D mesh.
 Each rank builds the same params (``SPECS``) as DTensors with a scenario's placements, sets the same full
 gradients by hand, and steps; the tests compare the full params after ``STEPS`` with a single-process
 run of the same params, in which every block / expert / head is orthogonalised separately by the
@@ -35,6 +35,8 @@ pytestmark = pytest.mark.distributed
 STEPS, SAVE_AT = 3, 2
 LR, SCALE, MOMENTUM = 0.05, 2.0, 0.1
 JOB_TIMEOUT_S = 240
+USE_CUDA = torch.cuda.is_available() and torch.cuda.device_count() >= 4  # NCCL then, gloo otherwise
+DEVICE = "cuda" if USE_CUDA else "cpu"
 
 # name: (shape, norm, norm_kwargs); odd sizes so that shards are uneven on 2 and 4 ranks
 SPECS = {
@@ -81,14 +83,14 @@ def scenarios(world: int) -> dict:
 
 # -- the params, their gradients and the runs ---------------------------------------------------
 
-def full_params() -> dict:
+def full_params(device="cpu") -> dict:
     gen = torch.Generator().manual_seed(0)
-    return {n: torch.randn(shape, generator=gen) for n, (shape, _, _) in SPECS.items()}
+    return {n: torch.randn(shape, generator=gen).to(device) for n, (shape, _, _) in SPECS.items()}
 
 
-def full_grads(t: int) -> dict:
+def full_grads(t: int, device="cpu") -> dict:
     gen = torch.Generator().manual_seed(100 + t)
-    return {n: torch.randn(shape, generator=gen) for n, (shape, _, _) in SPECS.items()}
+    return {n: torch.randn(shape, generator=gen).to(device) for n, (shape, _, _) in SPECS.items()}
 
 
 def make_opt(params: dict):
@@ -97,25 +99,26 @@ def make_opt(params: dict):
     return dk.Scion(groups, lr=LR, momentum=MOMENTUM, scale=SCALE, backend="torch")
 
 
-def train(params: dict, opt, steps: int, start: int = 0, place=lambda n, t: t) -> None:
+def train(params: dict, opt, steps: int, start: int = 0, place=lambda n, t: t, device="cpu") -> None:
     for t in range(start, start + steps):
-        for n, g in full_grads(t).items():
+        for n, g in full_grads(t, device).items():
             params[n].grad = place(n, g)
         opt.step()
         opt.zero_grad()
 
 
 def single_run() -> dict:
-    params = {n: nn.Parameter(t) for n, t in full_params().items()}
-    train(params, make_opt(params), STEPS)
-    return {n: p.detach() for n, p in params.items()}
+    """On the jobs' device type: the same kernels as theirs."""
+    params = {n: nn.Parameter(t) for n, t in full_params(DEVICE).items()}
+    train(params, make_opt(params), STEPS, device=DEVICE)
+    return {n: p.detach().cpu() for n, p in params.items()}
 
 
 # -- the jobs --------------------------------------------------------------------------------------
 
 def _mesh(world):
     from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh("cpu", (2, 2) if world == 4 else (2,), mesh_dim_names=("dp", "tp")[-(world // 2):])
+    return init_device_mesh(DEVICE, (2, 2) if world == 4 else (2,), mesh_dim_names=("dp", "tp")[-(world // 2):])
 
 
 def _scenario(mesh, placements: dict) -> dict:
@@ -123,12 +126,12 @@ def _scenario(mesh, placements: dict) -> dict:
 
     def place(n, t):
         return distribute_tensor(t, mesh, placements[n], src_data_rank=None)  # (every rank has t)
-    params = {n: nn.Parameter(place(n, t)) for n, t in full_params().items()}
+    params = {n: nn.Parameter(place(n, t)) for n, t in full_params(DEVICE).items()}
     opt = make_opt(params)
-    train(params, opt, STEPS, place=place)
+    train(params, opt, STEPS, place=place, device=DEVICE)
     routes = {n: ddist.route(opt.engine.norm_of(opt.param_groups[k]).resolve(p.shape), ddist.layout(p), p.shape)
               for k, (n, p) in enumerate(params.items())}
-    return {"params": {n: p.full_tensor().detach() for n, p in params.items()}, "stats": vars(opt.comm_stats),
+    return {"params": {n: p.full_tensor().detach().cpu() for n, p in params.items()}, "stats": vars(opt.comm_stats),
             "routes": routes}
 
 
@@ -137,10 +140,10 @@ def _pieces(mesh, placements: dict) -> dict:
     from torch.distributed.tensor import distribute_tensor
     out = {}
     for n, (shape, _, _) in SPECS.items():
-        index = torch.arange(torch.Size(shape).numel()).view(shape)
+        index = torch.arange(torch.Size(shape).numel(), device=DEVICE).view(shape)
         got = distribute_tensor(index, mesh, placements[n], src_data_rank=None).to_local()
         runs = ddist.piece(shape, mesh.shape, mesh.get_coordinate(), tuple(placements[n]))
-        out[n] = (got, ddist.take_piece(index, runs))
+        out[n] = (got.cpu(), ddist.take_piece(index, runs).cpu())
     return out
 
 
@@ -156,7 +159,7 @@ def _torch_apis(mesh) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     torch.manual_seed(0)
-    block = Block()
+    block = Block().to(DEVICE)
     full = {n: p.detach().clone() for n, p in block.named_parameters()}
     tp = mesh["tp"] if mesh.ndim == 2 else mesh
     parallelize_module(block, tp, {"up": ColwiseParallel(), "down": RowwiseParallel()})
@@ -165,7 +168,7 @@ def _torch_apis(mesh) -> dict:
     out = {}
     for n, p in block.named_parameters():
         runs = ddist.piece(p.shape, p.device_mesh.shape, p.device_mesh.get_coordinate(), tuple(p.placements))
-        out[n] = (repr(tuple(p.placements)), p.to_local().detach().clone(), ddist.take_piece(full[n], runs))
+        out[n] = (repr(tuple(p.placements)), p.to_local().detach().cpu(), ddist.take_piece(full[n], runs).cpu())
     return out
 
 
@@ -178,24 +181,26 @@ def _dcp(mesh, save_dir, scenes) -> dict:
     def build(placements):
         def place(n, t):
             return distribute_tensor(t, mesh, placements[n], src_data_rank=None)  # (every rank has t)
-        params = {n: nn.Parameter(place(n, t)) for n, t in full_params().items()}
+        params = {n: nn.Parameter(place(n, t)) for n, t in full_params(DEVICE).items()}
         return params, make_opt(params), place
 
     params, opt, place = build(first)
-    train(params, opt, SAVE_AT, place=place)
+    train(params, opt, SAVE_AT, place=place, device=DEVICE)
     dcp.save({"params": params, "optim": opt.state_dict()}, checkpoint_id=save_dir)
     params, opt, place = build(second)
-    train(params, opt, 1, place=place)  # (creates the momentum buffers in the second layout)
+    train(params, opt, 1, place=place, device=DEVICE)  # (creates the momentum buffers in the second layout)
     state = {"params": params, "optim": opt.state_dict()}
     dcp.load(state, checkpoint_id=save_dir)
     opt.load_state_dict(state["optim"])
-    train(params, opt, STEPS - SAVE_AT, start=SAVE_AT, place=place)
-    return {n: p.full_tensor().detach() for n, p in params.items()}
+    train(params, opt, STEPS - SAVE_AT, start=SAVE_AT, place=place, device=DEVICE)
+    return {n: p.full_tensor().detach().cpu() for n, p in params.items()}
 
 
 def _job(rank, world, root):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/store{world}", rank=rank, world_size=world,
+    if USE_CUDA:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if USE_CUDA else "gloo", init_method=f"file://{root}/store{world}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     out = {}
     try:
@@ -215,7 +220,8 @@ def _job(rank, world, root):
 
 def _run_world(world: int, root: str) -> list[dict]:
     import torch.multiprocessing as mp
-    ctx = mp.start_processes(_job, args=(world, root), nprocs=world, join=False, start_method="fork")
+    method = "spawn" if USE_CUDA else "fork"  # fork skips re-importing torch: seconds per process on a small CPU
+    ctx = mp.start_processes(_job, args=(world, root), nprocs=world, join=False, start_method=method)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:
