@@ -3,8 +3,9 @@
 The corpus is the Python standard library's own source, read as bytes (offline on
 every machine). Training follows the paper (arXiv 2510.03871): unconstrained Scion,
 no momentum, constant lr, input : hidden : output lr = 1 : 1/8 : 1, the norms' init.
-Writes into ``--out``: ``train.csv`` (step, tokens, lr, loss, output norm),
-``norms.csv`` (NormMonitor records), ``summary.json`` and ``train.png``.
+Writes into ``--out``: ``train.csv`` (step, tokens, lr, loss, output norm; a row per step as it
+is done), ``norms.csv`` (NormMonitor records), ``summary.json`` and ``train.png``. Ctrl-C ends the
+run early and still writes them, from the steps done (a sweep keeps its finished runs for --resume).
 
 ``--sweep`` trains the (lr, batch size) grid at each token budget of ``--sweep-tokens``
 (steps = tokens / (batch size · seq len)) and writes ``sweep.csv`` (one row per run,
@@ -159,6 +160,9 @@ def _distributed(device: str):
     return dist.get_rank(), world, device
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (SIGINT)
+
+
 def _progress(steps: int, enabled: bool):
     """A tqdm bar, or None when tqdm is missing or progress is off."""
     if not enabled:
@@ -172,9 +176,12 @@ def _progress(steps: int, enabled: bool):
 
 def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch_size: int = 16, seq_len: int = 128,
           device="cpu", seed: int = 0, data=None, monitor_every: int = 10, progress: bool = True,
-          rank: int = 0, world_size: int = 1, log=print, ns_dtype: str = "bfloat16") -> dict:
+          rank: int = 0, world_size: int = 1, log=print, ns_dtype: str = "bfloat16",
+          live_csv: Path | None = None) -> dict:
     """Train once; returns {"rows": per-step dicts, "norms": NormMonitor history, "summary": dict}.
-    ``ns_dtype``: the hidden layers' Newton-Schulz iteration dtype."""
+    ``ns_dtype``: the hidden layers' Newton-Schulz iteration dtype. ``progress``: a tqdm bar (else a
+    line every ``steps // 20`` steps). ``live_csv``: each step's row is appended there as it is done,
+    and Ctrl-C ends the run early with what was done (``summary["interrupted"]``) instead of raising."""
     device = torch.device(device)
     data = load_corpus() if data is None else data
     split = data.numel() * 15 // 16
@@ -192,7 +199,11 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     rows, bar, step_seconds = [], _progress(steps, progress and rank == 0), 0.0
     every_print = max(1, steps // 20)
+    live = _LiveCSV(live_csv) if live_csv is not None and rank == 0 else None
+    interrupted = False
     for step in range(1, steps + 1):
+        if interrupted:
+            break
         x, y = get_batch(train_data, batch_size, seq_len, gen, device)
         start = time.perf_counter()
         try:
@@ -207,20 +218,32 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
             if bar is not None:
                 bar.close()
             raise Diverged(step, str(e), lr) from e
+        except KeyboardInterrupt:
+            if live_csv is None or not rows:
+                raise
+            interrupted = True  # (this step's update may be half done: it is not recorded)
+            log(f"interrupted: stopping after step {step - 1}; {live_csv} holds the steps done")
+            break
         step_seconds += time.perf_counter() - start
         norm = monitor.latest.get("output/log2_rms_to_inf", math.nan)
         shown = "-" if math.isnan(norm) else f"{norm:.2f}"  # (no record yet)
         rows.append({"step": step, "tokens": step * batch_size * seq_len * world_size, "lr": lr, "loss": loss,
                      "log2_output_norm": norm, "seconds": step_seconds})
+        if live is not None:
+            live.write(rows[-1])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", tokens=f"{rows[-1]['tokens']:,}", log2_out=shown)
-        elif rank == 0 and progress and (step % every_print == 0 or step == steps):
+        elif rank == 0 and (step % every_print == 0 or step == steps):
             log(f"step {step}/{steps}  loss {loss:.3f}  lr {lr:.3g}  tokens {rows[-1]['tokens']}  "
                 f"log2|W_out| {shown}")
     if bar is not None:
         bar.close()
+    if live is not None:
+        live.close()
+    steps = len(rows)
     summary = {"preset": preset, "lr": lr, "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
+               "interrupted": interrupted,
                "tokens": rows[-1]["tokens"], "device": str(device), "world_size": world_size,
                "first_loss": rows[0]["loss"], "final_train_loss": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
                "val_loss": evaluate(model, val_data, seq_len, device),
@@ -229,6 +252,23 @@ def train(preset: str = "proxy", *, steps: int = 300, lr: float = 2 ** -3, batch
                "monitor_share": monitor.seconds / step_seconds,
                "layer_log2_norms": layer_log2_norms(model)}
     return {"rows": rows, "norms": monitor.history, "summary": summary}
+
+
+class _LiveCSV:
+    """A CSV written a row at a time (flushed: a killed run keeps its rows)."""
+
+    def __init__(self, path: Path):
+        self.file, self.writer = open(path, "w", newline=""), None
+
+    def write(self, row: dict) -> None:
+        if self.writer is None:
+            self.writer = csv.DictWriter(self.file, fieldnames=list(row))
+            self.writer.writeheader()
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -439,14 +479,14 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     tune = _tune(args, common) if args.tune_by_norm else None
     lr = tune["lr"] if tune else args.lr
     run = train(args.preset, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                progress=not args.no_progress, rank=rank, world_size=world, **common)
+                progress=not args.no_progress, rank=rank, world_size=world, live_csv=out / "train.csv", **common)
     if rank == 0:
-        write_csv(run["rows"], out / "train.csv")
         write_csv(run["norms"], out / "norms.csv")
         (out / "summary.json").write_text(json.dumps(run["summary"], indent=2))
         plot_run(run, out / "train.png")
         s = run["summary"]
-        print(f"loss {s['first_loss']:.3f} -> {s['final_train_loss']:.3f} (mean of the last 10 steps; "
+        print(("interrupted after %d steps: " % s["steps"] if s["interrupted"] else "") +
+              f"loss {s['first_loss']:.3f} -> {s['final_train_loss']:.3f} (mean of the last 10 steps; "
               f"val {s['val_loss']:.3f}); "
               f"log2 |W_out|_(RMS->inf) {s['log2_output_norm']:.2f}; {s['seconds_per_step'] * 1e3:.0f} ms/step, "
               f"monitor {100 * s['monitor_share']:.2f}% of step time; outputs in {out}")
@@ -457,7 +497,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
               f"ended at {s['log2_output_norm']:.2f}; guesses: " +
               ", ".join(f"lr {g['lr']:.4g} -> {g['log2_output_norm']:.2f} (val {g['val_loss']:.3f})"
                         for g in tune["guesses"]))
-    return 0
+    return EXIT_INTERRUPTED if run["summary"]["interrupted"] else 0
 
 
 def _tune(args, common: dict) -> dict:
@@ -528,7 +568,13 @@ def _sweep(args, out: Path, common: dict) -> int:
     steps = [max(1, round(D / (B * args.seq_len))) for D, B, _ in todo]
     bar = _progress(sum(steps), not args.no_progress and bool(todo))
     for (D, B, lr), n in zip(todo, steps):
-        row = sweep_run(args, common, D, B, lr)
+        try:
+            row = sweep_run(args, common, D, B, lr)
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            print(f"interrupted: {len(rows)} runs in {path}; --resume goes on from there", flush=True)
+            return EXIT_INTERRUPTED
         rows.append(row)
         write_csv(rows, path)
         line = (f"D {D}  batch {B}  lr {lr:.4g}  steps {n}  val loss {row['val_loss']:.3f}  "

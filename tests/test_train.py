@@ -8,6 +8,7 @@ import pytest
 import torch
 from tolerances import assert_close
 
+import disco_kernels as dk
 from disco_kernels import scaling, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,6 +51,40 @@ def test_demo_trains_and_writes_outputs(tmp_path, capsys):
     assert summary["steps"] == 25 and summary["preset"] == "tiny" and 0 < summary["monitor_share"] < 1
     assert (tmp_path / "train.png").read_bytes()[:8] == PNG_MAGIC
     assert "loss" in capsys.readouterr().out
+
+
+def test_ctrl_c_ends_the_run_with_what_was_done(tmp_path, monkeypatch, capsys):
+    real, calls = dk.Scion.step, []
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(dk.Scion, "step", step)
+    assert train.main(SMALL + ["--steps", "20", "--out", str(tmp_path), "--no-progress"]) == train.EXIT_INTERRUPTED
+    assert [int(r["step"]) for r in read_csv(tmp_path / "train.csv")] == [1, 2, 3, 4, 5]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] and summary["steps"] == 5
+    assert (tmp_path / "train.png").exists() and "interrupted after 5 steps" in capsys.readouterr().out
+
+
+def test_rows_reach_the_csv_as_the_run_goes(tmp_path, monkeypatch):
+    seen = []
+    real = train.evaluate
+
+    def evaluate(*a, **k):  # (runs after the last step, before the run returns)
+        seen.append(len(read_csv(tmp_path / "train.csv")))
+        return real(*a, **k)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert train.main(SMALL + ["--steps", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert seen == [3]
+
+
+def test_no_progress_still_prints_a_line_now_and_then(tmp_path, capsys):
+    assert train.main(SMALL + ["--steps", "40", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2/40  loss" in out and "step 40/40  loss" in out and out.count("/40  loss") == 20
 
 
 def test_progress_falls_back_to_prints_without_tqdm(tmp_path, monkeypatch, capsys):
@@ -130,8 +165,8 @@ def test_sweep_records_diverged_runs_and_goes_on(tmp_path, monkeypatch):
 def test_resume_skips_the_runs_already_in_the_csv(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train, "train", fake_train(calls, interrupt_at=5))
-    with pytest.raises(KeyboardInterrupt):  # interrupted during the 5th run
-        train.main(FAKE + ["--out", str(tmp_path)])
+    # interrupted during the 5th run: ends cleanly, the finished runs saved
+    assert train.main(FAKE + ["--out", str(tmp_path)]) == train.EXIT_INTERRUPTED
     first = train.read_sweep(tmp_path / "sweep.csv")
     assert len(first) == 4 and not (tmp_path / "sweep_summary.json").exists()
     calls.clear()
