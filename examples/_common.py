@@ -78,3 +78,23 @@ def train(model, opt, args, vocab: int, device) -> None:
         dcp.save(state(), checkpoint_id=args.save)
         if dist.get_rank() == 0:
             print(f"saved to {args.save}")
+
+
+def regress(model, opt, steps: int, dim: int, seed: int, device, batch: int = 32, after_backward=None) -> None:
+    """Fit ``model`` to a fixed random linear map x -> x A (inputs drawn from ``seed``), printing the loss
+    and the optimizer's communication per step on rank 0; ``after_backward()`` runs before each step."""
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randn(dim, dim, generator=gen).to(device) / dim ** 0.5
+    for step in range(steps):
+        x = torch.randn(batch, dim, generator=gen).to(device)
+        loss = F.mse_loss(model(x), x @ target)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        opt.zero_grad()
+        s = opt.comm_stats
+        if dist.get_rank() == 0:
+            print(f"step {step}: loss {loss.item():.4f}  bytes in {s.bytes_received}  collectives {s.collectives}  "
+                  f"NS MFLOP on rank 0 {s.ns_flops / 1e6:.2f}", flush=True)

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 import disco_kernels as dk  # noqa: E402
-from _common import setup  # noqa: E402
+from _common import regress, setup  # noqa: E402
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -72,19 +71,10 @@ def main():
         for g in groups:
             print(f"{[n for n in g.get('param_names', [])]}: {g['norm']} {g['norm_kwargs']}")
     opt = dk.Scion(groups, lr=args.lr, momentum=0.1, process_group="default")
-    gen = torch.Generator().manual_seed(0)  # the same batch on every rank: the experts are what is split
-    target = torch.randn(args.dim, args.dim, generator=gen).to(device) / args.dim ** 0.5
-    for step in range(args.steps):
-        x = torch.randn(64, args.dim, generator=gen).to(device)
-        loss = F.mse_loss(model(x), x @ target)
-        loss.backward()
-        dist.all_reduce(model.router.weight.grad)  # each rank saw the paths through its own experts (DDP would)
-        opt.step()
-        opt.zero_grad()
-        s = opt.comm_stats
-        if dist.get_rank() == 0:
-            print(f"step {step}: loss {loss.item():.4f}  bytes in {s.bytes_received}  collectives {s.collectives}  "
-                  f"NS MFLOP on rank 0 {s.ns_flops / 1e6:.3f}", flush=True)
+    # the same batch on every rank (the experts are what is split); each rank's router gradient saw the paths
+    # through its own experts only: summed over ranks, as DDP would
+    regress(model, opt, args.steps, args.dim, seed=0, device=device, batch=64,
+            after_backward=lambda: dist.all_reduce(model.router.weight.grad))
     dist.destroy_process_group()
 
 

@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 sys.path.insert(0, str(Path(__file__).parent))
 import disco_kernels as dk  # noqa: E402
-from _common import setup  # noqa: E402
+from _common import regress, setup  # noqa: E402
 
 
 class Block(nn.Module):
@@ -57,18 +57,8 @@ def main():
         for name, p in model.named_parameters():
             print(f"{name}: {tuple(p.shape)} placed {tuple(p.placements)} on mesh {tuple(p.device_mesh.shape)}")
     opt = dk.Scion(model.parameters(), lr=args.lr, norm="Spectral", momentum=0.1)
-    gen = torch.Generator().manual_seed(mesh.get_coordinate()[0])  # the same data across TP, not across DP
-    target = torch.randn(args.dim, args.dim, generator=gen).to(device) / args.dim ** 0.5
-    for step in range(args.steps):
-        x = torch.randn(32, args.dim, generator=gen).to(device)
-        loss = F.mse_loss(model(x), x @ target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        s = opt.comm_stats
-        if dist.get_rank() == 0:
-            print(f"step {step}: loss {loss.item():.4f}  bytes in {s.bytes_received}  collectives {s.collectives}  "
-                  f"NS MFLOP on rank 0 {s.ns_flops / 1e6:.2f}", flush=True)
+    # the same data across TP ranks, not across DP ranks
+    regress(model, opt, args.steps, args.dim, seed=mesh.get_coordinate()[0], device=device)
     dist.destroy_process_group()
 
 

@@ -21,7 +21,6 @@ import contextlib
 import math
 import os
 import tempfile
-import time
 import traceback
 from collections import defaultdict
 from datetime import timedelta
@@ -33,6 +32,7 @@ from torch import nn
 
 import disco_kernels as dk
 import oracle
+from multiproc import run_world
 from disco_kernels import distributed as ddist
 from test_lines import assert_lines_close, line_dim, lined, lined_biases, oracle_step, tiny
 from tolerances import assert_close, plain_dtype
@@ -377,24 +377,12 @@ def _job(rank, world, root):
         dist.destroy_process_group()
 
 
-def _run_world(world: int, root: str) -> list[dict]:
-    import torch.multiprocessing as mp
-    method = "spawn" if USE_CUDA else "fork"  # fork skips re-importing torch: seconds per process on a small CPU
-    ctx = mp.start_processes(_job, args=(world, root), nprocs=world, join=False, start_method=method)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"world {world}: job did not finish in {JOB_TIMEOUT_S} s")
-    return [torch.load(f"{root}/out{world}_{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def jobs():
     os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as root:
-        yield {w: _run_world(w, root) for w in WORLDS}  # in order: world w reloads world w - 1's checkpoint
+        # in order: world w reloads world w - 1's checkpoint
+        yield {w: run_world(_job, w, root, JOB_TIMEOUT_S, spawn=USE_CUDA) for w in WORLDS}
 
 
 @pytest.fixture(scope="module")

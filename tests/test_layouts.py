@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import time
 import traceback
 from datetime import timedelta
 
@@ -28,6 +27,7 @@ from torch import nn
 import disco_kernels as dk
 from disco_kernels import distributed as ddist
 import oracle
+from multiproc import run_world
 from tolerances import assert_close
 
 pytestmark = pytest.mark.distributed
@@ -218,24 +218,11 @@ def _job(rank, world, root):
         dist.destroy_process_group()
 
 
-def _run_world(world: int, root: str) -> list[dict]:
-    import torch.multiprocessing as mp
-    method = "spawn" if USE_CUDA else "fork"  # fork skips re-importing torch: seconds per process on a small CPU
-    ctx = mp.start_processes(_job, args=(world, root), nprocs=world, join=False, start_method=method)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"world {world}: job did not finish in {JOB_TIMEOUT_S} s")
-    return [torch.load(f"{root}/out{world}_{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def jobs():
     os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as root:
-        yield {w: _run_world(w, root) for w in (2, 4)}
+        yield {w: run_world(_job, w, root, JOB_TIMEOUT_S, spawn=USE_CUDA) for w in (2, 4)}
 
 
 @pytest.fixture(scope="module")
