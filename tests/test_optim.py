@@ -629,7 +629,8 @@ def test_light_state_dict_drops_momentum_of_zeroed_grad():
     p.grad = torch.randn(4, 6)
     opt.step()
     opt.state_dict()
-    opt.zero_grad()
+    with pytest.warns(UserWarning, match="wipes the momentum"):  # (deliberately, here)
+        opt.zero_grad()
     saved = copy.deepcopy(opt.state_dict())
     assert not saved["state"]
     q = torch.nn.Parameter(p.detach().clone())
