@@ -1,8 +1,11 @@
-"""Newton-Schulz (5 jordan steps) at transformer layer shapes and an (n, 4n) size sweep.
+"""Newton-Schulz (5 jordan steps) at transformer layer shapes, an (n, 4n) size sweep and an aspect sweep.
 
-Ours: ``dk.ops.newton_schulz`` per backend and torch.compile of the reference
-math. Baselines: the reference Scion NS (bf16, per matrix), torch.optim.Muon's,
-and peer packages. TFLOP/s and the share of peak count plain NS (DESIGN.md);
+Ours: ``dk.ops.newton_schulz`` per backend (method "auto") and torch.compile of the reference
+math; on the aspect sweep ((m, r m) for r = 1, 2, 4, 8: ``shapes.ns_aspects``) also each method
+forced, as "<backend>/standard" and "<backend>/gram". Baselines: the reference Scion NS (bf16, per
+matrix), torch.optim.Muon's, and peer packages (gram-newton-schulz among them, when installed).
+Each row's ``compute`` says what it computes in: the iteration dtype, and for the Gram form the dtype
+of its polynomial. TFLOP/s and the share of peak count plain NS (DESIGN.md), whatever the method;
 ``share_of_floor`` is against the symmetric floor (``shapes.ns_floor_flops``).
 Error: against tests/oracle.py's fp64 NS with the same coefficients on the same input; its bound (the
 suite's rule, tests/tolerances.py) from the oracle's NS in the dtype the implementation iterates in.
@@ -10,6 +13,7 @@ suite's rule, tests/tolerances.py) from the oracle's NS in the dtype the impleme
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -18,7 +22,10 @@ from disco_kernels import reference
 
 from . import baselines
 from .case import Case, Check, Plan, compiled, kernels, oracle, plain_dtype
-from .shapes import OP_MODELS, for_preset, ns_flops, ns_floor_flops, ns_sweep
+from .device import dtype_name
+from .shapes import OP_MODELS, for_preset, ns_aspects, ns_flops, ns_floor_flops, ns_sweep
+
+ops_ns = importlib.import_module("disco_kernels.ops.newton_schulz")  # (dk.ops.newton_schulz is the function)
 
 STEPS = 5
 
@@ -42,6 +49,22 @@ def _oracle(G: torch.Tensor, coefficients, dtype: torch.dtype) -> torch.Tensor:
     return _oracle_cache[key]
 
 
+def compute_label(impl: str, shape, dtype: torch.dtype, device: torch.device, compute_dtype=None) -> str:
+    """What a row computes in: the iteration dtype, "+ <dtype> Gram" where ours runs the Gram form (its
+    polynomial's dtype), as "auto" chooses it for ``impl`` ("<backend>" or "<backend>/<method>")."""
+    compute = compute_dtype or dtype
+    backend, _, method = impl.partition("/")
+    if backend in ops_ns.KERNELS and method != "standard":
+        G = torch.empty((), dtype=dtype, device=device).expand(shape)
+        try:
+            runs = method or ops_ns.choose_method("auto", ops_ns.choose_backend(backend, G, compute, STEPS), G, compute)
+        except (ValueError, RuntimeError):  # a backend that cannot take G: the row says so
+            runs = "standard"
+        if runs == "gram":
+            return f"{dtype_name(compute)} + {dtype_name(ops_ns.gram_dtype(compute))} Gram"
+    return dtype_name(compute)
+
+
 def _case(plan, model, name, shape, dtype, impl, baseline, fn_of_g, compute_dtype=None, coefficients="jordan",
           warmup=1) -> Case:
     def build():
@@ -52,31 +75,45 @@ def _case(plan, model, name, shape, dtype, impl, baseline, fn_of_g, compute_dtyp
             return ({"NS": fn_of_g(G.clone())}, {"NS": _oracle(G, coefficients, torch.float64)},
                     {"NS": _oracle(G, coefficients, plain_dtype(computed_in))})
         return functools.partial(fn_of_g, G), Check(run, computed_in)
+    compute = compute_label(impl, shape, dtype, plan.device.torch_device, compute_dtype)
     return Case("newton_schulz", model, name, "x".join(map(str, shape)), dtype, impl, baseline,
                 flops=ns_flops(shape, STEPS), bytes=0, bound="compute", build=build, compute_dtype=compute_dtype,
-                floor_flops=ns_floor_flops(shape, STEPS), warmup=warmup)
+                floor_flops=ns_floor_flops(shape, STEPS), warmup=warmup, extra={"compute": compute})
 
 
-def _impls(plan: Plan):
-    """(impl, baseline?, G -> X, compute dtype or None for G's dtype, coefficients, warm-up calls)."""
+def _impls(plan: Plan, methods: bool = False):
+    """(impl, baseline?, G -> X, compute dtype or None for G's dtype, coefficients, warm-up calls); ``methods``:
+    also each backend with each method forced ("<backend>/<method>", where the backend has that method)."""
     out = []
     for b in plan.our_impls(kernels("newton_schulz")):
         if b == "compile":
             out.append((b, False, lambda G: compiled(reference.newton_schulz)(G, STEPS), None, "jordan", 3))
-        else:
-            out.append((b, False, functools.partial(lambda G, b: dk.ops.newton_schulz(G, STEPS, backend=b), b=b),
-                        None, "jordan", 1))
+            continue
+        out.append((b, False, functools.partial(lambda G, b: dk.ops.newton_schulz(G, STEPS, backend=b), b=b),
+                    None, "jordan", 1))
+        for method in ("standard", "gram") if methods else ():
+            if method == "standard" or b in ops_ns.GRAM_KERNELS:
+                out.append((f"{b}/{method}", False, functools.partial(
+                    lambda G, b, method: dk.ops.newton_schulz(G, STEPS, backend=b, method=method), b=b,
+                    method=method), None, "jordan", 1))
     for name, o in baselines.ns_baselines(plan.device.torch_device).items():
         if not o.compiles or plan.compile:  # a self-compiling peer costs seconds per shape: where compile is timed
             out.append((name, True, o.fn, o.compute_dtype, o.coefficients, 3 if o.compiles else 1))
-    return [x for x in out if plan.wants(x[0])]
+    return [x for x in out if plan.wants(x[0]) or plan.wants(x[0].partition("/")[0])]
 
 
 def cases(plan: Plan) -> list[Case]:
     shapes = [(m.label, name, shape) for m in for_preset(OP_MODELS, plan.preset, plan.device.torch_device)
               for name, shape in m.matrices()]
     shapes += [("sweep", f"n={n}", (n, 4 * n)) for n in ns_sweep(plan.preset, plan.device.torch_device)]
-    impls = _impls(plan)
-    return [_case(plan, model, name, shape, dtype, impl, is_base, fn, cdt, coeffs, warmup)
-            for model, name, shape in shapes for dtype in plan.dtypes
-            for impl, is_base, fn, cdt, coeffs, warmup in impls]
+    aspects = [("aspect", f"m={m} 1:{r}", (m, r * m)) for m, r in ns_aspects(plan.preset, plan.device.torch_device)]
+    # --quick on a CPU times only ours on the aspect sweep: the baselines' bf16 (emulated on most CPUs) would
+    # add ~10 s to a suite that has 100 s in all; they are timed at the layer shapes, and at every aspect in full
+    quick_cpu = plan.preset == "quick" and plan.device.torch_device.type == "cpu"
+    aspect_impls = [x for x in _impls(plan, methods=True) if not (x[1] and quick_cpu)]
+    out = []
+    for group, impls in ((shapes, _impls(plan)), (aspects, aspect_impls)):
+        out += [_case(plan, model, name, shape, dtype, impl, is_base, fn, cdt, coeffs, warmup)
+                for model, name, shape in group for dtype in plan.dtypes
+                for impl, is_base, fn, cdt, coeffs, warmup in impls]
+    return out

@@ -120,6 +120,16 @@ def ns_sweep(preset: str, device: torch.device) -> list[int]:
     return {"smoke": [16, 32], "quick": [64, 128, 256], "full": [128, 256, 512, 1024, 2048]}[preset]
 
 
+def ns_aspects(preset: str, device: torch.device) -> list[tuple[int, int]]:
+    """(m, r) of the aspect sweep: (m, r m) matrices at r = 1, 2, 4, 8, where the Gram form's gain shows
+    (on a CPU --quick takes one m, to stay within its time)."""
+    if device.type == "cuda" and preset != "smoke":
+        sizes = [256, 512, 1024, 2048, 4096] if preset == "full" else [256, 1024, 4096]
+    else:
+        sizes = {"smoke": [16], "quick": [128], "full": [64, 128, 256, 512]}[preset]
+    return [(m, r) for m in sizes for r in (1, 2, 4, 8)]
+
+
 def ns_flops(shape: tuple[int, ...], steps: int = 5) -> float:
     """FLOPs of plain Newton-Schulz, the count TFLOP/s is reported in for every implementation:
     per step 2 m² n (A = X Xᵀ) + 2 m³ (A A) + 2 m² n (B X) with m <= n, times the batch."""

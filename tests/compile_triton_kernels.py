@@ -6,7 +6,8 @@ TRITON_INTERPRET must be unset: then ``triton.jit`` gives compilable JITFunction
 modules pick their GPU launch settings (block sizes, autotuning configs). Each kernel is compiled
 through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` (the same API in
 Triton 3.6 to 3.9) down to PTX and, with the ptxas Triton bundles, a cubin. By default: every kernel
-and every code path a constexpr selects, in bf16, with one config of the autotuned kernels; --all:
+and every code path a constexpr selects, in bf16 (the Gram form's R and polynomial in fp32 too), with one
+config of the autotuned kernels; --all:
 every config, and fp32 too (IEEE dots take another lowering). Pointers are taken as 16-byte aligned
 and innermost strides as 1, as a launch on contiguous torch tensors specialises them; each compile is
 repeated with every integer argument 1 (specialised to a constexpr, as a launch does). Prints a header
@@ -21,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -44,8 +46,9 @@ def spec(label, fn, types, consts, config=None, group=None):
 
 
 def specs(full=False):
-    """Every kernel and every code path a constexpr selects, in bf16, with the last (smallest) config of
-    the autotuned kernels; ``full``: also fp32 (IEEE dots lower differently) and every config."""
+    """Every kernel and every code path a constexpr selects, in bf16 (and the Gram form's fp32 R and polynomial),
+    with the last (smallest) config of the autotuned kernels; ``full``: also fp32 (IEEE dots lower differently)
+    and every config."""
     out = []
     for dt in ("bf16", "fp32") if full else ("bf16",):
         prec = "ieee" if dt == "fp32" else "tf32"
@@ -57,10 +60,17 @@ def specs(full=False):
         for k, c in configs(ns._sym_configs(), full):
             for scaled in scaled_set:
                 out.append(spec(f"ns._gram_kernel[{dt},SCALED={scaled},cfg{k}]", ns._gram_kernel, x,
-                                {"sx_n": 1, "SCALED": scaled, "PB": 64, "PREC": prec}, c,
+                                {"sx_n": 1, "SCALED": scaled, "PB": 64, "PREC": prec, "XDT": TL[dt]}, c,
                                 f"ns._gram_kernel[{dt},SCALED={scaled}]"))
-            out.append(spec(f"ns._square_kernel[{dt},cfg{k}]", ns._square_kernel, x, {"PREC": prec}, c,
-                            f"ns._square_kernel[{dt}]"))
+            out.append(spec(f"ns._sym_kernel[{dt},cfg{k}]", ns._sym_kernel, dict(x, c_ptr=f"*{dt}"), {"PREC": prec}, c,
+                            f"ns._sym_kernel[{dt}]"))
+            if dt == "bf16":  # the Gram form: R = X0 X0ᵀ in fp32 from bf16 tiles, its polynomial in fp32 (IEEE)
+                out.append(spec(f"ns._gram_kernel[bf16->fp32,cfg{k}]", ns._gram_kernel, dict(x, a_ptr="*fp32"),
+                                {"sx_n": 1, "SCALED": True, "PB": 64, "PREC": prec, "XDT": TL[dt]}, c,
+                                "ns._gram_kernel[bf16->fp32]"))
+                fp32 = {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": "*fp32"}
+                out.append(spec(f"ns._sym_kernel[fp32 gram,cfg{k}]", ns._sym_kernel, dict(x, **fp32), {"PREC": "ieee"},
+                                c, "ns._sym_kernel[fp32 gram]"))
         for k, c in configs(ns._update_configs(), full):
             for scaled in scaled_set:
                 out.append(spec(f"ns._update_kernel[{dt},SCALED={scaled},cfg{k}]", ns._update_kernel, x,
@@ -119,6 +129,7 @@ def ints_one(s):
 
 
 DTYPE_SIZE = {"bf16": 2, "fp32": 4}
+TL = {"bf16": tl.bfloat16, "fp32": tl.float32}
 
 
 def configs(cfgs, full):

@@ -4,8 +4,13 @@ For X of shape (b, m, n), m <= n (a tall G is read transposed through its
 strides, never copied), each step (a, b, c) runs three kernels:
 
     A = X Xᵀ             _gram_kernel:   upper tiles only, each mirrored below
-    B = b A + c A A      _square_kernel: upper tiles only (A A is symmetric), b A in the epilogue
+    B = b A + c A A      _sym_kernel:    upper tiles only (A A is symmetric), b A in the epilogue
     X = a X + B X        _update_kernel: a X in the epilogue, grouped (L2-friendly) tile order
+
+The Gram form (``newton_schulz_gram``) runs the same kernels: R = X0 Xᵀ0 once
+(_gram_kernel, fp32 out), per step W = a I + b R + c R R, Q <- W Q, R <- W (R W)
+(_sym_kernel: every product is of commuting symmetric matrices, so symmetric),
+and X = Q X0 at the end (_update_kernel with a = 0).
 
 The first step reads G itself: X0 = G / (mult ||G||_F + eps) is formed as the
 tiles are loaded (rounded to ``dtype`` where the torch path rounds X0), with
@@ -30,6 +35,10 @@ from ._config import MAX_GRID_Y, autotune, interpreted, num_partials
 
 _PREC = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}  # (tf32 is ignored for 16-bit)
 DTYPES = tuple(_PREC)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# The Gram form's iteration dtypes here: its R, W and Q are fp32 (IEEE dots). An fp32 iteration needs them in
+# fp64 (ops.newton_schulz.gram_dtype) and takes the torch path.
+GRAM_DTYPES = (torch.float16, torch.bfloat16)
 # The interpreter's bf16 tl.dot is wrong; there bf16 tiles are multiplied in fp32, which is exact for their
 # products and accumulates in fp32 like the tensor cores (a compile-time branch: GPU code is unchanged).
 _BF16_DOT_IN_FP32 = tl.constexpr(interpreted())
@@ -107,12 +116,12 @@ def _store_sym(out_ptr, tile, ri, rj, m, i, j):
 
 @triton.jit
 def _gram_kernel(x_ptr, a_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, P, mult, eps,
-                 SCALED: tl.constexpr, PB: tl.constexpr, PREC: tl.constexpr,
+                 SCALED: tl.constexpr, PB: tl.constexpr, PREC: tl.constexpr, XDT: tl.constexpr,
                  BLOCK: tl.constexpr, BK: tl.constexpr):
-    """A = X Xᵀ for the upper tiles of A (b, m, m), mirrored."""
+    """A = X Xᵀ for the upper tiles of A (b, m, m), mirrored; X's tiles in XDT, A in its own dtype."""
     i, j = _upper_tile(tl.program_id(0), tl.cdiv(m, BLOCK))
     bid = tl.program_id(1).to(tl.int64)
-    DT = a_ptr.dtype.element_ty
+    DT = XDT
     s = _x0_scale(part_ptr, bid, P, mult, eps, SCALED, PB)
     x = x_ptr + bid * sx_b
     ri = i * BLOCK + tl.arange(0, BLOCK)
@@ -128,15 +137,19 @@ def _gram_kernel(x_ptr, a_ptr, part_ptr, m, n, sx_b, sx_m, sx_n, P, mult, eps,
         xj = _load_x(x + rj64[None, :] * sx_m + kk64[:, None] * sx_n, (rj[None, :] < m) & (kk[:, None] < n), s, DT,
                      SCALED)
         acc = _dot(xi, xj, acc, PREC)
-    _store_sym(a_ptr + bid * m * m, acc.to(DT), ri, rj, m, i, j)
+    _store_sym(a_ptr + bid * m * m, acc.to(a_ptr.dtype.element_ty), ri, rj, m, i, j)
 
 
 @triton.jit
-def _square_kernel(a_ptr, b_ptr, m, coef_b, coef_c, PREC: tl.constexpr, BLOCK: tl.constexpr, BK: tl.constexpr):
-    """B = coef_b A + coef_c A A for the upper tiles of B (b, m, m), mirrored; A is symmetric."""
+def _sym_kernel(a_ptr, b_ptr, c_ptr, out_ptr, m, coef_i, coef_c, coef_ab, PREC: tl.constexpr, BLOCK: tl.constexpr,
+                BK: tl.constexpr):
+    """out = coef_i I + coef_c C + coef_ab A B for the upper tiles of out (b, m, m), mirrored: A B must be
+    symmetric (A A, or commuting symmetric A and B). A, B, C and out are (b, m, m) and may alias, but out
+    none of them."""
     i, j = _upper_tile(tl.program_id(0), tl.cdiv(m, BLOCK))
     bid = tl.program_id(1).to(tl.int64)
     a = a_ptr + bid * m * m
+    bm = b_ptr + bid * m * m
     ri = i * BLOCK + tl.arange(0, BLOCK)
     rj = j * BLOCK + tl.arange(0, BLOCK)
     ri64 = ri.to(tl.int64)
@@ -145,11 +158,12 @@ def _square_kernel(a_ptr, b_ptr, m, coef_b, coef_c, PREC: tl.constexpr, BLOCK: t
         kk = k + tl.arange(0, BK)
         kk64 = kk.to(tl.int64)
         ai = tl.load(a + ri64[:, None] * m + kk[None, :], mask=(ri[:, None] < m) & (kk[None, :] < m), other=0.0)
-        aj = tl.load(a + kk64[:, None] * m + rj[None, :], mask=(kk[:, None] < m) & (rj[None, :] < m), other=0.0)
-        acc = _dot(ai, aj, acc, PREC)
-    aij = tl.load(a + ri64[:, None] * m + rj[None, :], mask=(ri[:, None] < m) & (rj[None, :] < m), other=0.0)
-    out = coef_b * aij.to(tl.float32) + coef_c * acc
-    _store_sym(b_ptr + bid * m * m, out.to(b_ptr.dtype.element_ty), ri, rj, m, i, j)
+        bj = tl.load(bm + kk64[:, None] * m + rj[None, :], mask=(kk[:, None] < m) & (rj[None, :] < m), other=0.0)
+        acc = _dot(ai, bj, acc, PREC)
+    cij = tl.load(c_ptr + bid * m * m + ri64[:, None] * m + rj[None, :], mask=(ri[:, None] < m) & (rj[None, :] < m),
+                  other=0.0)
+    out = coef_c * cij.to(tl.float32) + coef_ab * acc + tl.where(ri[:, None] == rj[None, :], coef_i, 0.0)
+    _store_sym(out_ptr + bid * m * m, out.to(out_ptr.dtype.element_ty), ri, rj, m, i, j)
 
 
 @triton.jit
@@ -228,7 +242,7 @@ def _update_configs():
 
 
 gram_kernel = autotune(_sym_configs(), ["m", "n", "SCALED"])(_gram_kernel)
-square_kernel = autotune(_sym_configs(), ["m"])(_square_kernel)
+sym_kernel = autotune(_sym_configs(), ["m"])(_sym_kernel)
 update_kernel = autotune(_update_configs(), ["m", "n", "SCALED"])(_update_kernel)
 
 
@@ -296,12 +310,62 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
     for k, (a, cb, cc) in enumerate(triples):
         first, last = k == 0, k == len(triples) - 1
         gram_kernel[lambda meta: (_tri(m, meta), b)](X, A, m=m, n=n, sx_b=sx[0], sx_m=sx[1], sx_n=sx[2],
-                                                      SCALED=first, **norm)
-        square_kernel[lambda meta: (_tri(m, meta), b)](A, B, m, cb, cc, PREC=_PREC[dtype])
+                                                      SCALED=first, XDT=_TL[dtype], **norm)
+        sym_kernel[lambda meta: (_tri(m, meta), b)](A, A, A, B, m, 0.0, cb, cc, PREC=_PREC[dtype])
         Y = out3 if last else bufs[k % 2]
         sy = strides(out3) if last else Y.stride()
         update_kernel[lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), b)](
             X, B, Y, m=m, n=n, sx_b=sx[0], sx_m=sx[1], sx_n=sx[2], so_b=sy[0], so_m=sy[1], so_n=sy[2], coef_a=a,
             SCALED=first, **norm)
         X, sx = Y, sy
+    return out
+
+
+def newton_schulz_gram(G: torch.Tensor, triples, mult: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The Gram form of NS of (..., M, N) ``G`` (see ops.newton_schulz): contiguous, shape of G, in ``dtype``.
+    X0 is rounded to ``dtype`` as it loads; R, W and Q are fp32; Q is rounded to ``dtype`` for X = Q X0.
+    Iterations in other dtypes, and zero steps, take the torch path."""
+    if dtype not in GRAM_DTYPES or not triples:
+        from disco_kernels.ops.newton_schulz import _torch_gram
+        return _torch_gram(G, triples, mult, eps, dtype)
+    out = torch.empty(G.shape, dtype=dtype, device=G.device)
+    if out.numel() == 0:
+        return out
+    G3 = G.reshape(-1, *G.shape[-2:])
+    b, M, N = G3.shape
+    tall = M > N
+    m, n = (N, M) if tall else (M, N)
+    out3 = out.view(b, M, N)
+    if b > MAX_GRID_Y:  # the kernels' batch is grid axis 1
+        for s in range(0, b, MAX_GRID_Y):
+            out3[s:s + MAX_GRID_Y] = newton_schulz_gram(G3[s:s + MAX_GRID_Y], triples, mult, eps, dtype)
+        return out
+
+    def strides(t):  # (batch, row, col) strides of X = t (or tᵀ when tall)
+        return (t.stride(0), t.stride(2), t.stride(1)) if tall else t.stride()
+
+    P = num_partials(M)
+    part = torch.empty((b, P), dtype=torch.float64, device=G.device)
+    _sumsq_kernel[(P, b)](G3, part, M, N, *G3.stride(), triton.cdiv(M, P), P, BR=8, BC=64)
+    norm = dict(part_ptr=part, P=P, mult=mult, eps=eps, PB=triton.next_power_of_2(P))
+    sg = strides(G3)
+    R, W, Q, T = (torch.empty((b, m, m), dtype=torch.float32, device=G.device) for _ in range(4))
+    grid = lambda meta: (_tri(m, meta), b)  # noqa: E731
+    gram_kernel[grid](G3, R, m=m, n=n, sx_b=sg[0], sx_m=sg[1], sx_n=sg[2], SCALED=True, XDT=_TL[dtype],
+                      PREC=_PREC[dtype], **norm)
+    for k, (a, cb, cc) in enumerate(triples):
+        Wk = W
+        sym_kernel[grid](R, R, R, Wk, m, a, cb, cc, PREC="ieee")  # W = a I + b R + c R R
+        if k == 0:  # Q = W: the buffers trade names, Wk stays W
+            Q, W = W, Q
+        else:
+            sym_kernel[grid](Wk, Q, Q, T, m, 0.0, 0.0, 1.0, PREC="ieee")  # Q <- W Q
+            Q, T = T, Q
+        if k + 1 < len(triples):
+            sym_kernel[grid](R, Wk, R, T, m, 0.0, 0.0, 1.0, PREC="ieee")  # T = R W
+            sym_kernel[grid](Wk, T, T, R, m, 0.0, 0.0, 1.0, PREC="ieee")  # R <- W T
+    so = strides(out3)
+    update_kernel[lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), b)](
+        G3, Q.to(dtype), out3, m=m, n=n, sx_b=sg[0], sx_m=sg[1], sx_n=sg[2], so_b=so[0], so_m=so[1], so_n=so[2],
+        coef_a=0.0, SCALED=True, PREC=_PREC[dtype], **norm)
     return out
