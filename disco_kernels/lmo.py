@@ -76,12 +76,14 @@ def _set(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 class _NewtonSchulzNorm(Norm):
     """Shared machinery of Spectral and SpectralConv: batched Newton-Schulz on a param's independent
-    matrices. A param is ``batch_dims`` leading dims of matrices (rows: the next dim, columns: the rest);
-    each matrix may be cut along ``split_dim`` (0: rows, 1: columns) into blocks, each orthogonalised on
-    its own and scaled by its own factor ``block_alpha(rows, cols)``."""
+    matrices. A param is ``batch_dims`` leading dims of matrices (rows: the next dim, columns: the rest),
+    stored (d_out, d_in), or (d_in, d_out) when ``transpose``; each matrix may be cut along its output dim
+    (rows, or columns when ``transpose``) into blocks, each orthogonalised on its own and scaled by its
+    own factor ``block_alpha(rows, cols)``. Newton-Schulz itself does not care which dim is the output
+    (polar(Wᵀ) = polar(W)ᵀ): ``transpose`` moves only the factors and the cut."""
 
     batch_dims = 0
-    split_dim = 0
+    transpose = False
 
     def __init__(self, steps=5, coefficients="jordan", dtype="bfloat16"):
         reference.ns_schedule(coefficients, count(steps, "steps"))  # validates
@@ -94,26 +96,26 @@ class _NewtonSchulzNorm(Norm):
         self._blocks(shape, name)
 
     def _sizes(self, shape, name: str = "g") -> list[int] | None:
-        """The blocks' sizes along ``split_dim`` of one matrix (None: the matrix is one block); a ValueError
+        """The blocks' sizes along the output dim of one matrix (None: the matrix is one block); a ValueError
         naming ``name`` when they cannot cut a param of ``shape``."""
         return None
 
     def _blocks(self, shape, name: str = "g") -> list[tuple[int, int, int]]:
-        """(start along ``split_dim``, rows, cols) of each block of one matrix of a param of ``shape``."""
+        """(start along the output dim, rows, cols) of each block of one matrix of a param of ``shape``, as stored."""
         bd = self.batch_dims
         rows, cols = shape[bd], math.prod(shape[bd + 1:])
         sizes = self._sizes(shape, name)
         if sizes is None:
             return [(0, rows, cols)]
         starts = itertools.accumulate(sizes, initial=0)
-        return [(a, s, cols) if self.split_dim == 0 else (a, rows, s) for a, s in zip(starts, sizes)]
+        return [(a, rows, s) if self.transpose else (a, s, cols) for a, s in zip(starts, sizes)]
 
     def matrices(self, shape) -> list[tuple[int, int]]:
         """(rows, cols) of every independent matrix (block) of a param of ``shape``: what Newton-Schulz runs on."""
         return [(r, c) for _, r, c in self._blocks(shape)] * math.prod(shape[:self.batch_dims])
 
     def block_alpha(self, rows: int, cols: int) -> float:
-        """The LMO's factor of one (rows, cols) block (norms whose params may be cut into blocks)."""
+        """The LMO's factor of one block stored (rows, cols) (norms whose params may be cut into blocks)."""
         raise NotImplementedError
 
     def check_backend(self, backend, shape, p, g, name="g"):
@@ -132,7 +134,7 @@ class _NewtonSchulzNorm(Norm):
         Same-shaped blocks go through one call; equal blocks of rows (whole matrices, experts, heads) are
         views of G, the others are stacked and their results written back."""
         shape = G.shape[1:]
-        bd, d = self.batch_dims, 1 + self.split_dim  # d: the split dim of (matrices, rows, cols)
+        bd, d = self.batch_dims, 2 if self.transpose else 1  # d: the cut dim of (matrices, rows, cols)
         M = G.reshape(len(G) * math.prod(shape[:bd]), shape[bd], math.prod(shape[bd + 1:]))  # a view of packed G
         blocks = self._blocks(shape)
         if len(blocks) == 1 or (d == 1 and len({r for _, r, _ in blocks}) == 1):
@@ -179,19 +181,23 @@ class Spectral(_NewtonSchulzNorm):
     """Spectral norm LMO: NS(g) * sqrt(d_out / d_in) (normalized) or sqrt(d_out); max=True takes max(1, .).
 
     Extras: ``coefficients`` ("jordan", "polar_express" or (a, b, c) triples) and ``dtype`` of the
-    iteration (bfloat16 by default, as the reference). Blocks, each orthogonalised and scaled as its own
-    matrix, NS(block) * sqrt(rows / cols) (same convention):
+    iteration (bfloat16 by default, as the reference).
+    ``transpose=True``: each matrix is stored (d_in, d_out), as GPT-2's ``Conv1D`` (y = x W) stores it:
+    d_out is its last dim, d_in the one before, for the factor, the init and the blocks.
+    Blocks, each orthogonalised and scaled as its own matrix, NS(block) * sqrt(block's d_out / d_in):
     ``batch_dims=k``: the leading k dims index independent matrices (MoE experts (E, d_out, d_in): 1);
-    ``splits=[a, b, ...]``: each matrix cut along ``split_dim`` (0: rows, the output dim of nn.Linear;
-    1: columns, e.g. GPT-2's Conv1D stored (in, out)) into blocks of these sizes;
-    ``heads=n``: n equal blocks (GQA per head, with unequal q and kv: splits=[head_dim] * (n_q + 2 n_kv)).
+    ``splits=[a, b, ...]``: each matrix cut along its output dim into blocks of these sizes (a fused
+    q, k, v projection: [d, d, d]; GPT-2's c_attn, stored (d, 3d), with ``transpose=True``);
+    ``heads=n``: n equal blocks along the output dim (GQA per head, with unequal q and kv:
+    splits=[head_dim] * (n_q + 2 n_kv)).
     """
 
     def __init__(self, max=False, normalized=True, steps=5, *, coefficients="jordan", dtype="bfloat16",
-                 batch_dims=0, splits=None, heads=None, split_dim=0):
+                 transpose=False, batch_dims=0, splits=None, heads=None):
         super().__init__(steps, coefficients, dtype)
         self.max = flag(max, "max")
         self.normalized = flag(normalized, "normalized")
+        self.transpose = flag(transpose, "transpose")
         self.batch_dims = count(batch_dims, "batch_dims")
         self.ndims = (2 + batch_dims,)
         if splits is not None and heads is not None:
@@ -203,40 +209,41 @@ class Spectral(_NewtonSchulzNorm):
             splits = tuple(count(s, f"splits[{i}]", 1) for i, s in enumerate(splits))
         self.splits = splits
         self.heads = None if heads is None else count(heads, "heads", 1)
-        if isinstance(split_dim, bool) or not isinstance(split_dim, int) or split_dim not in (0, 1):
-            raise ValueError(f"split_dim must be 0 (rows) or 1 (columns), got {split_dim!r}")
-        self.split_dim = split_dim
 
     def _sizes(self, shape, name="g"):
         if self.splits is None and self.heads is None:
             return None
-        dim = self.batch_dims + self.split_dim
+        dim = self.batch_dims + (1 if self.transpose else 0)
         n = shape[dim]
+        where = (f"the output dim (dim {dim}{', transpose=True' if self.transpose else ''}) of {name} "
+                 f"(shape {tuple(shape)})")
         if self.splits is not None:
             if sum(self.splits) != n:
-                raise ValueError(f"Spectral(splits={list(self.splits)}, split_dim={self.split_dim}) cuts dim {dim} of "
-                                 f"{name} (shape {tuple(shape)}): the splits must sum to {n}, they sum to "
-                                 f"{sum(self.splits)}")
+                raise ValueError(f"Spectral(splits={list(self.splits)}) cuts {where}: the splits must sum to {n}, "
+                                 f"they sum to {sum(self.splits)}")
             return list(self.splits)
         if n % self.heads:
-            raise ValueError(f"Spectral(heads={self.heads}, split_dim={self.split_dim}) cuts dim {dim} of {name} "
-                             f"(shape {tuple(shape)}) into equal heads: {n} is not a multiple of {self.heads}")
+            raise ValueError(f"Spectral(heads={self.heads}) cuts {where} into equal heads: {n} is not a multiple "
+                             f"of {self.heads}")
         return [n // self.heads] * self.heads
 
     def block_alpha(self, rows, cols):
-        return reference.spectral_scale(rows, cols, self.normalized, self.max)
+        d_out, d_in = (cols, rows) if self.transpose else (rows, cols)
+        return reference.spectral_scale(d_out, d_in, self.normalized, self.max)
 
     def alpha(self, shape):
         """The factor of the first block (of the whole matrix when not cut; see ``orthogonalise_param``)."""
         return self.block_alpha(*self._blocks(shape)[0][1:])
 
     def init(self, w):
-        """Orthogonal (the reference's draw) per block, in order, times the block's factor."""
+        """Orthogonal (the reference's draw, on each block as stored) per block, in order, times the block's
+        factor."""
         self.check(w.shape, "w")
         w64 = torch.empty(w.shape, dtype=torch.float64, device=w.device)
+        cut = 1 if self.transpose else 0
         for matrix in w64.view(-1, *w.shape[self.batch_dims:]):
             for a, r, c in self._blocks(w.shape):
-                block = matrix.narrow(self.split_dim, a, (r, c)[self.split_dim])
+                block = matrix.narrow(cut, a, (r, c)[cut])
                 torch.nn.init.orthogonal_(block).mul_(self.block_alpha(r, c))
         return _set(w, w64)
 
