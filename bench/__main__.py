@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import fused_update, newton_schulz, optimizer_step, power_iteration, report
-from .case import Plan, measure
+from .case import Plan, measure_group
 from .device import Device, detect, dtype_name, environment
 from .shapes import OP_MODELS, STEP_MODELS, for_preset
 
@@ -35,6 +37,7 @@ SUITES = {"newton_schulz": newton_schulz, "power_iteration": power_iteration, "f
           "step": optimizer_step}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OUT = str(Path(__file__).parent / "out" / "{device}-{date}")
+DEFAULT_HISTORY = str(Path(__file__).parent / "results" / "history.csv")
 QUICK_LIMIT = 100.0  # seconds of cases in --quick, leaving room for setup and plots within two minutes
 
 
@@ -55,20 +58,58 @@ def parse(argv=None) -> argparse.Namespace:
                     help=f"start no case after S seconds, the rest written as skipped (default: {QUICK_LIMIT:.0f} "
                     "with --quick, which keeps its promise on a loaded machine; else none)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--history", metavar="CSV",
+                    help=f"append every timed row (date, git revision, machine) to CSV (default {DEFAULT_HISTORY}; "
+                    "none with --smoke unless given)")
+    ap.add_argument("--no-history", action="store_true", help="append nothing to the history CSV")
     return ap.parse_args(argv)
 
 
-def _progress(items, total):
+def _progress(groups, total):
+    """The groups of cases, with a progress bar (tqdm, when installed) counting cases."""
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
     if tqdm is not None:
-        yield from tqdm(items, total=total, unit="case", dynamic_ncols=True)
+        with tqdm(total=total, unit="case", dynamic_ncols=True) as bar:
+            for group in groups:
+                yield group
+                bar.update(len(group))
         return
-    for i, item in enumerate(items, 1):
-        print(f"[{i}/{total}] {item.suite} {item.model} {item.case} {item.impl}", flush=True)
-        yield item
+    done = 0
+    for group in groups:
+        c = group[0]
+        done += len(group)
+        print(f"[{done}/{total}] {c.suite} {c.model} {c.case} {'/'.join(x.impl for x in group)}", flush=True)
+        yield group
+
+
+def group_cases(todo) -> list[list]:
+    """Consecutive cases of one suite, model, case, shape and dtype: the implementations timed interleaved."""
+    return [list(g) for _, g in itertools.groupby(todo, key=lambda c: (c.suite, c.model, c.case, c.shape, c.dtype))]
+
+
+def load_warning(when: str, load: float, cores: int) -> str | None:
+    """A warning when the 1-minute load average ``load`` is above the core count (other jobs share the cores)."""
+    if load > cores:
+        return (f"noisy machine: 1-minute load average {load:.2f} above the {cores} cores at the {when} of the run "
+                "(other jobs share the cores; times are less trustworthy)")
+    return None
+
+
+def noise_warnings(rows, loads: dict, cores: int) -> list[str]:
+    """The run's noise warnings: the load average at its start and end (``loads``) above the core count, and rows
+    whose spread (p80 - p20) / p50 is past timing.NOISY_SPREAD."""
+    from .timing import NOISY_SPREAD
+    out = [w for when, load in loads.items() if (w := load_warning(when, load, cores))]
+    noisy = [r for r in rows if r.get("status") == "ok" and r.get("noisy")]
+    if noisy:
+        worst = max(noisy, key=lambda r: r["spread"])
+        out.append(f"noisy rows: {len(noisy)} of {sum(r.get('status') == 'ok' for r in rows)} with spread "
+                   f"(p80 - p20) / p50 above {NOISY_SPREAD:.0%} (worst {worst['spread']:.0%}: {worst['suite']} "
+                   f"{worst['model']} {worst['case']} {worst['dtype']} {worst['impl']})")
+    return out
 
 
 def describe_shapes(plan: Plan) -> str:
@@ -125,6 +166,10 @@ def run(args) -> Path:
     print(f"device: {device.name} | peaks ({device.peak_source}): "
           f"{', '.join(f'{k} {v:.3g} TFLOP/s' for k, v in device.peak_tflops.items())}, {device.peak_gbps:.4g} GB/s")
     print(f"preset: {plan.preset} | {describe_shapes(plan)}")
+    cores = os.cpu_count() or 1
+    loads = {"start": os.getloadavg()[0]}
+    if w := load_warning("start", loads["start"], cores):
+        print(f"WARNING: {w}", flush=True)
     if not plan.compile:
         print("torch.compile: not timed in this preset on CPU (compile time); the full preset or --impls compile do")
     if not device.is_cuda and "triton" in (plan.impls or ()):
@@ -135,17 +180,20 @@ def run(args) -> Path:
     if unknown:
         raise SystemExit(f"unknown suites {sorted(unknown)}; choose from {', '.join(SUITES)}")
     cases = {s: SUITES[s].cases(plan) for s in suites}
+    if "newton_schulz" in suites and (unmatched := newton_schulz.unmatched_baselines(plan)):
+        print(f"newton_schulz: baselines timed only at their own iteration dtype, none of this run's "
+              f"({', '.join(dtype_name(d) for d in plan.dtypes)}): not timed: {', '.join(unmatched)}")
 
     def meta():  # the environment as of now: peaks for dtypes first met in a case are measured then
         return {"environment": environment(device), "preset": plan.preset, "shapes": describe_shapes(plan),
-                "seconds": round(time.perf_counter() - t0, 1)}
+                "seconds": round(time.perf_counter() - t0, 1), "cores": cores, "load_average": loads}
 
     todo = [c for s in suites for c in cases[s]]
     rows = []
     try:
-        for case in _progress(todo, len(todo)):
+        for group in _progress(group_cases(todo), len(todo)):
             late = limit is not None and time.perf_counter() - t0 > limit
-            rows.append(_skipped(case) if late else measure(case, plan))
+            rows += [_skipped(c) for c in group] if late else measure_group(group, plan)
             if not late:  # keep every timed case: a run killed at a time limit still leaves its data
                 report.add_speedups(rows)
                 report.write(rows, meta(), out)
@@ -153,12 +201,21 @@ def run(args) -> Path:
         print(f"\ninterrupted after {len(rows)} of {len(todo)} cases", flush=True)
         rows += [_skipped(c, "interrupted") for c in todo[len(rows):]]
     report.add_speedups(rows)
-    files = report.write(rows, meta(), out)
+    loads["end"] = os.getloadavg()[0]
+    warnings = noise_warnings(rows, loads, cores)
+    files = report.write(rows, {**meta(), "warnings": warnings}, out)
     if dist := distributed_rows(plan.preset != "full"):
         files += report.write(dist, meta(), out, stem="distributed")
     if not args.no_plots:
         files += report.plot(rows, out, f"{device.name}, peaks {device.peak_source}, {plan.preset} preset")
+    history = None if args.no_history else args.history or (None if args.smoke else DEFAULT_HISTORY)
+    if history:
+        n = report.append_history(rows, Path(history), machine=f"{device.name}, {cores} cores",
+                                  preset=plan.preset)
+        print(f"history: {n} rows appended to {history}")
     print(report.table(rows))
+    for w in warnings:
+        print(f"WARNING: {w}")
     print(f"\n{len(rows)} cases in {time.perf_counter() - t0:.0f} s; results and plots in {out}/:")
     for f in files:
         print(f"  {f.name}")

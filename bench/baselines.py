@@ -35,13 +35,20 @@ def reference_ns(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfl
     return X.T if tall else X
 
 
-def reference_lmo(norm: str, kwargs: dict, ns_dtype: torch.dtype = torch.bfloat16):
-    """g -> lmo(g) of the reference norm ``norm`` with its constructor ``kwargs``."""
+def reference_lmo(norm: str, kwargs: dict, ns_dtype: torch.dtype = torch.bfloat16, compile_ns: bool = False):
+    """g -> lmo(g) of the reference norm ``norm`` with its constructor ``kwargs``; ``compile_ns``: its
+    Newton-Schulz torch.compile'd (one graph per shape, shared by every caller: bench.case.compiled)."""
     if norm == "Spectral":
+        if compile_ns:
+            from .case import compiled
+            ns = compiled(reference_ns)
+        else:
+            ns = reference_ns
+
         def spectral(g):
             d_out, d_in = g.shape
             s = reference.spectral_scale(d_out, d_in, kwargs.get("normalized", True), kwargs.get("max", False))
-            return reference_ns(g, kwargs.get("steps", 5), ns_dtype) * s
+            return ns(g, kwargs.get("steps", 5), ns_dtype) * s
         return spectral
     if norm in ("ColNorm", "RowNorm", "Sign", "BiasRMS"):  # (their torch LMOs are the reference's math)
         return make_norm(norm, kwargs).lmo
@@ -67,13 +74,14 @@ def reference_update_all_(params, grads, bufs, lmo, lr, momentum, scale, unconst
 
 class ReferenceScion:
     """The reference Scion step as a per-parameter loop over groups of
-    {"params", "norm", "norm_kwargs", "scale"} (the keys dk.Scion takes)."""
+    {"params", "norm", "norm_kwargs", "scale"} (the keys dk.Scion takes); ``compile_ns``: its
+    Newton-Schulz torch.compile'd (the reference update rule with a compiled bf16 NS, issue 16)."""
 
     def __init__(self, groups: list[dict], lr: float, momentum: float, unconstrained: bool = False,
-                 ns_dtype: torch.dtype = torch.bfloat16):
+                 ns_dtype: torch.dtype = torch.bfloat16, compile_ns: bool = False):
         self.groups = groups
         self.lr, self.momentum, self.unconstrained = lr, momentum, unconstrained
-        self.lmos = [reference_lmo(g["norm"], g.get("norm_kwargs", {}), ns_dtype) for g in groups]
+        self.lmos = [reference_lmo(g["norm"], g.get("norm_kwargs", {}), ns_dtype, compile_ns) for g in groups]
         self.bufs = {}
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ import disco_kernels as dk
 
 from .device import Device, dtype_name
 from .memory import peak_extra_bytes
-from .timing import median_seconds
+from .timing import NOISY_SPREAD, interleaved, percentiles, spread
 
 
 def _from_tests(name: str):
@@ -110,13 +110,17 @@ class Case:
     warmup: int = 1                           # calls before timing (3 where torch.compile recompiles)
     floor_bytes: float | None = None          # least bytes the whole call must move (the step: shapes.step_bytes)
     memory: bool = False                      # measure the peak extra memory of one call (bench/memory.py)
+    peak_dtype: torch.dtype | None = None     # the dtype whose peak scores it (default compute_dtype: where its
+                                              # flops run, e.g. fp32 for a bf16 NS in the Gram form)
     extra: dict = field(default_factory=dict)
 
-    def floor_seconds(self, device: Device, flops: float | None = None) -> float:
-        """Time of the case's work (``flops`` instead of its own, when given) at the device's peaks."""
+    def floor_seconds(self, device: Device, flops: float | None = None, peak_dtype: torch.dtype | None = None) -> float:
+        """Time of the case's work (``flops`` instead of its own, when given) at the device's peaks (the
+        compute peak of ``peak_dtype``, default the case's compute dtype)."""
         t = 0.0
         if self.bound in ("compute", "both"):
-            t += (self.flops if flops is None else flops) / device.peak_flops(self.compute_dtype or self.dtype)
+            t += (self.flops if flops is None else flops) / device.peak_flops(
+                peak_dtype or self.compute_dtype or self.dtype)
         if self.bound in ("memory", "both"):
             t += self.bytes / (device.peak_gbps * 1e9)
         return t
@@ -180,50 +184,94 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
 
 
+def peak_dtype(cases: list[Case]) -> torch.dtype:
+    """The one dtype whose peak every row of a case is scored against: the dtype ours computes in (the first
+    of ours among ``cases``, where most of its flops run: its ``peak_dtype``, else its compute dtype; the first
+    case's when all are baselines)."""
+    ours = next((c for c in cases if not c.baseline), cases[0])
+    return ours.peak_dtype or ours.compute_dtype or ours.dtype
+
+
 def measure(case: Case, plan: Plan) -> dict:
-    """Time ``case`` on the plan's device; returns one result row (status "error: ..." on failure;
-    a failing error check alone, e.g. the fp64 twin out of memory, leaves rel_err NaN and a note)."""
-    row = {"suite": case.suite, "model": case.model, "case": case.case, "shape": case.shape,
-           "dtype": dtype_name(case.dtype), "impl": case.impl, "baseline": case.baseline,
-           "flops": case.flops, "bytes": case.bytes, **case.extra}
-    fn = check = None
+    """``measure_group`` of one case."""
+    return measure_group([case], plan)[0]
+
+
+def measure_group(cases: list[Case], plan: Plan) -> list[dict]:
+    """Time the implementations of one case (same suite, model, case, shape and dtype) on the plan's device,
+    interleaved (bench/timing.py), scored against one peak (``peak_dtype``); one result row each, in order
+    (status "error: ..." for one that fails to build; a failing error check alone, e.g. the fp64 twin out of
+    memory, leaves rel_err NaN and a note). Each row: ``time_ms`` (the median) with ``p20_ms`` and ``p80_ms``,
+    ``spread`` and ``noisy`` (spread past timing.NOISY_SPREAD), ``compute`` (what it computes in) and
+    ``peak_dtype`` (the peak its share is against)."""
+    rows, built = [], []
+    peak = peak_dtype(cases)
     try:
-        fn, check = case.build()
-        try:
-            if isinstance(check, Check):
-                errors = check.errors()
-                row["rel_err"], row["err_bound"] = errors["all"]
-                beyond = [f"{k} {e:.3g} > {b:.3g}" for k, (e, b) in errors.items() if not e <= b]
-                if beyond:
-                    row["note"] = "error beyond the tolerance rule (tests/tolerances.py): " + ", ".join(beyond)
-            else:
-                row["rel_err"] = check() if check is not None else math.nan
-        except Exception as e:
-            row.update(rel_err=math.nan, note=f"error check failed: {_why(e)}")
-        seconds = median_seconds(fn, plan.device.torch_device, plan.preset, case.warmup)
-        if case.memory:  # once, after the timing: fn is warm (a step's state exists)
+        for case in cases:
+            row = {"suite": case.suite, "model": case.model, "case": case.case, "shape": case.shape,
+                   "dtype": dtype_name(case.dtype), "impl": case.impl, "baseline": case.baseline,
+                   "flops": case.flops, "bytes": case.bytes, **case.extra}
+            row.setdefault("compute", dtype_name(case.compute_dtype or case.dtype))
+            rows.append(row)
             try:
-                row["peak_extra_bytes"] = peak_extra_bytes(fn, plan.device.torch_device)
+                fn, check = case.build()
+                _check(row, check)
+                check = None
+            except Exception as e:  # a peer or backend failing must not end the run
+                unsupported = case.impl == "cuda" and isinstance(e, ValueError) and "cannot run" in str(e)
+                row.update(status=f"{'unsupported' if unsupported else 'error'}: {_why(e)}")
+                continue
+            built.append((case, row, fn))
+        if built:
+            try:
+                times = interleaved([fn for *_, fn in built], plan.device.torch_device, plan.preset,
+                                    [c.warmup for c, *_ in built])
             except Exception as e:
-                row["peak_extra_bytes"] = None
-                row["note"] = "; ".join(filter(None, [row.get("note"), f"peak memory not measured: {_why(e)}"]))
-    except Exception as e:  # a peer or backend failing must not end the run
-        unsupported = case.impl == "cuda" and isinstance(e, ValueError) and "cannot run" in str(e)
-        row.update(status=f"{'unsupported' if unsupported else 'error'}: {_why(e)}")
-        return row
+                for _, row, _ in built:
+                    row.update(status=f"error: {_why(e)}")
+                return rows
+            for (case, row, fn), ts in zip(built, times):
+                if case.memory:  # once, after the timing: fn is warm (a step's state exists)
+                    try:
+                        row["peak_extra_bytes"] = peak_extra_bytes(fn, plan.device.torch_device)
+                    except Exception as e:
+                        row["peak_extra_bytes"] = None
+                        row["note"] = "; ".join(filter(None, [row.get("note"),
+                                                              f"peak memory not measured: {_why(e)}"]))
+                _timed(row, case, plan, ts, peak)
     finally:
-        fn = check = None
+        built = fn = None
         if plan.device.is_cuda and torch.cuda.memory_allocated() > 1 << 30:  # free what a cycle may still hold
             gc.collect()
             torch.cuda.empty_cache()
-    floor = case.floor_seconds(plan.device)
-    row.update(status="ok", time_ms=seconds * 1e3, tflops=case.flops / seconds / 1e12 if case.flops else None,
+    return rows
+
+
+def _check(row: dict, check) -> None:
+    try:
+        if isinstance(check, Check):
+            errors = check.errors()
+            row["rel_err"], row["err_bound"] = errors["all"]
+            beyond = [f"{k} {e:.3g} > {b:.3g}" for k, (e, b) in errors.items() if not e <= b]
+            if beyond:
+                row["note"] = "error beyond the tolerance rule (tests/tolerances.py): " + ", ".join(beyond)
+        else:
+            row["rel_err"] = check() if check is not None else math.nan
+    except Exception as e:
+        row.update(rel_err=math.nan, note=f"error check failed: {_why(e)}")
+
+
+def _timed(row: dict, case: Case, plan: Plan, times: list[float], peak: torch.dtype) -> None:
+    p20, seconds, p80 = percentiles(times)
+    floor = case.floor_seconds(plan.device, peak_dtype=peak)
+    row.update(status="ok", time_ms=seconds * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, runs=len(times),
+               spread=spread(p20, seconds, p80), noisy=spread(p20, seconds, p80) > NOISY_SPREAD,
+               tflops=case.flops / seconds / 1e12 if case.flops else None,
                gbps=case.bytes / seconds / 1e9 if case.bytes else None, floor_ms=floor * 1e3,
-               share_of_peak=floor / seconds)
+               share_of_peak=floor / seconds, peak_dtype=dtype_name(peak))
     if case.floor_flops is not None:
-        row["share_of_floor"] = case.floor_seconds(plan.device, case.floor_flops) / seconds
+        row["share_of_floor"] = case.floor_seconds(plan.device, case.floor_flops, peak) / seconds
     if case.floor_bytes is not None:
         row["floor_bytes"] = case.floor_bytes
         if plan.device.is_cuda:  # a CPU step is compute-bound and its working set partly cached: no share there
             row["floor_bytes_share"] = case.floor_bytes / seconds / (plan.device.peak_gbps * 1e9)
-    return row

@@ -1,9 +1,11 @@
 """Newton-Schulz (5 jordan steps) at transformer layer shapes, an (n, 4n) size sweep and an aspect sweep.
 
 Ours: ``dk.ops.newton_schulz`` per backend (method "auto") and torch.compile of the reference
-math; on the aspect sweep ((m, r m) for r = 1, 2, 4, 8: ``shapes.ns_aspects``) also each method
-forced, as "<backend>/standard" and "<backend>/gram". Baselines: the reference Scion NS (bf16, per
-matrix), torch.optim.Muon's, and peer packages (gram-newton-schulz among them, when installed).
+math, iterating in the input's dtype; on the aspect sweep ((m, r m) for r = 1, 2, 4, 8: ``shapes.ns_aspects``)
+also each method forced, as "<backend>/standard" and "<backend>/gram". Baselines, like with like: each
+only at the iteration dtype ours runs in: the reference Scion NS (per matrix, iterated in that dtype),
+torch.optim.Muon's (bf16 only), and peer packages (gram-newton-schulz among them, when installed, each at
+its own dtype); ``unmatched_baselines`` names those a plan's dtypes leave out.
 Each row's ``compute`` says what it computes in: the iteration dtype, and for the Gram form the dtype
 of its polynomial. TFLOP/s and the share of peak count plain NS (DESIGN.md), whatever the method;
 ``share_of_floor`` is against the symmetric floor (``shapes.ns_floor_flops``).
@@ -78,12 +80,33 @@ def _case(plan, model, name, shape, dtype, impl, baseline, fn_of_g, compute_dtyp
     compute = compute_label(impl, shape, dtype, plan.device.torch_device, compute_dtype)
     return Case("newton_schulz", model, name, "x".join(map(str, shape)), dtype, impl, baseline,
                 flops=ns_flops(shape, STEPS), bytes=0, bound="compute", build=build, compute_dtype=compute_dtype,
-                floor_flops=ns_floor_flops(shape, STEPS), warmup=warmup, extra={"compute": compute})
+                floor_flops=ns_floor_flops(shape, STEPS), warmup=warmup, extra={"compute": compute},
+                peak_dtype=ops_ns.gram_dtype(compute_dtype or dtype) if "Gram" in compute else None)
 
 
-def _impls(plan: Plan, methods: bool = False):
-    """(impl, baseline?, G -> X, compute dtype or None for G's dtype, coefficients, warm-up calls); ``methods``:
-    also each backend with each method forced ("<backend>/<method>", where the backend has that method)."""
+def _baselines(plan: Plan, dtype: torch.dtype) -> dict[str, baselines.Orthogonaliser]:
+    """The NS baselines that iterate in ``dtype``, the dtype ours iterates in on a ``dtype`` input: the
+    reference in it, the others only where it is their own."""
+    out = {}
+    for name, o in baselines.ns_baselines(plan.device.torch_device).items():
+        if name == "reference":
+            o = o._replace(fn=functools.partial(baselines.reference_ns, steps=STEPS, dtype=dtype), compute_dtype=dtype)
+        if o.compute_dtype == dtype:
+            out[name] = o
+    return out
+
+
+def unmatched_baselines(plan: Plan) -> list[str]:
+    """'<name> (<its dtype>)' of each NS baseline not timed: none of the plan's dtypes is its iteration dtype."""
+    timed = {n for d in plan.dtypes for n in _baselines(plan, d)}
+    return [f"{n} ({dtype_name(o.compute_dtype)})" for n, o in baselines.ns_baselines(plan.device.torch_device).items()
+            if n not in timed and plan.wants(n)]
+
+
+def _impls(plan: Plan, dtype: torch.dtype, methods: bool = False):
+    """(impl, baseline?, G -> X, compute dtype or None for G's dtype, coefficients, warm-up calls) for a ``dtype``
+    input; ``methods``: also each backend with each method forced ("<backend>/<method>", where the backend has
+    that method)."""
     out = []
     for b in plan.our_impls(kernels("newton_schulz")):
         if b == "compile":
@@ -96,7 +119,7 @@ def _impls(plan: Plan, methods: bool = False):
                 out.append((f"{b}/{method}", False, functools.partial(
                     lambda G, b, method: dk.ops.newton_schulz(G, STEPS, backend=b, method=method), b=b,
                     method=method), None, "jordan", 1))
-    for name, o in baselines.ns_baselines(plan.device.torch_device).items():
+    for name, o in _baselines(plan, dtype).items():
         if not o.compiles or plan.compile:  # a self-compiling peer costs seconds per shape: where compile is timed
             out.append((name, True, o.fn, o.compute_dtype, o.coefficients, 3 if o.compiles else 1))
     return [x for x in out if plan.wants(x[0]) or plan.wants(x[0].partition("/")[0])]
@@ -110,10 +133,11 @@ def cases(plan: Plan) -> list[Case]:
     # --quick on a CPU times only ours on the aspect sweep: the baselines' bf16 (emulated on most CPUs) would
     # add ~10 s to a suite that has 100 s in all; they are timed at the layer shapes, and at every aspect in full
     quick_cpu = plan.preset == "quick" and plan.device.torch_device.type == "cpu"
-    aspect_impls = [x for x in _impls(plan, methods=True) if not (x[1] and quick_cpu)]
     out = []
-    for group, impls in ((shapes, _impls(plan)), (aspects, aspect_impls)):
-        out += [_case(plan, model, name, shape, dtype, impl, is_base, fn, cdt, coeffs, warmup)
-                for model, name, shape in group for dtype in plan.dtypes
-                for impl, is_base, fn, cdt, coeffs, warmup in impls]
+    for group, methods in ((shapes, False), (aspects, True)):
+        for model, name, shape in group:
+            for dtype in plan.dtypes:
+                impls = [x for x in _impls(plan, dtype, methods) if not (methods and x[1] and quick_cpu)]
+                out += [_case(plan, model, name, shape, dtype, impl, is_base, fn, cdt, coeffs, warmup)
+                        for impl, is_base, fn, cdt, coeffs, warmup in impls]
     return out

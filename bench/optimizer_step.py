@@ -3,8 +3,10 @@
 Ours: ``dk.Scion`` per backend ("auto" on a GPU, and each backend that runs
 every op) and torch.compile(Scion.step) (on the proxy only: tracing a step over
 the ~150 tensors of the other models takes minutes); baseline: the reference
-Scion as a per-parameter loop (bf16 Newton-Schulz). Floor: the Newton-Schulz
-flops at the bf16 peak plus every update's bytes at the memory peak (with the
+Scion as a per-parameter loop (bf16 Newton-Schulz), its NS eager ("reference") and torch.compile'd
+("reference-compiled", where the plan compiles or names it). Each row's ``compute``: params' dtype, NS
+iteration dtype and, for ours, the method "auto" picks. Floor: the Newton-Schulz flops at the peak of the
+dtype ours computes them in (bf16; fp32 where ours runs the Gram form everywhere: its fp32 polynomial) plus every update's bytes at the memory peak (with the
 symmetric flops for ``share_of_floor``). Error: of the update term u of a second step
 (p = p (1 - lr) - lr u; in p_new - p the decay lr p would hide u) against tests/oracle.py's Scion in fp64,
 over all params and per param group (reported: over all), on the same model cut to two layers (same
@@ -22,6 +24,7 @@ replayed from a CUDA graph ("captured") against the same step run eagerly ("eage
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import replace
 
@@ -31,16 +34,22 @@ import disco_kernels as dk
 
 from .baselines import ReferenceScion
 from .case import Case, Check, Plan, kernels, oracle, plain_dtype, update_term
+from .device import dtype_name
 from .shapes import (GPT2_124M, PROXY, STEP_MODELS, for_preset, make_groups, ns_flops, ns_floor_flops, step_bytes,
                      update_bytes)
 
+ops_ns = importlib.import_module("disco_kernels.ops.newton_schulz")
+
 LR, MOMENTUM = 2 ** -10, 0.1
+# The reference update rule, its Newton-Schulz eager and torch.compile'd (seconds of compile per shape: timed
+# where the plan compiles, or when named in --impls).
+BASELINES = ("reference", "reference-compiled")
 
 
 def make_step(impl: str, groups: list[dict], ns_dtype: torch.dtype = torch.bfloat16):
     """The step function of ``impl`` over ``groups``."""
-    if impl == "reference":
-        return ReferenceScion(groups, LR, MOMENTUM, ns_dtype=ns_dtype).step
+    if impl in BASELINES:
+        return ReferenceScion(groups, LR, MOMENTUM, ns_dtype=ns_dtype, compile_ns=impl == "reference-compiled").step
     opt = dk.Scion(groups, lr=LR, momentum=MOMENTUM, backend="torch" if impl == "compile" else impl)
     return torch.compile(opt.step) if impl == "compile" else opt.step
 
@@ -130,10 +139,30 @@ def _case(plan, model, dtype, impl) -> Case:
         step = make_step(impl, make_groups(model, dtype, plan.device.torch_device, plan.generator()))
         return step, None if impl == "compile" else step_check(impl, model, dtype, plan)
     flops, floor, bytes_, floor_bytes = work(model, dtype)
+    compute = step_compute(impl, model, dtype, plan)
     return Case("step", model.label, f"Scion step, {model.n_params() / 1e6:.1f}M params", "-", dtype, impl,
-                impl == "reference", flops=flops, bytes=bytes_, bound="both", build=build,
-                compute_dtype=torch.bfloat16, floor_flops=floor, warmup=3 if impl == "compile" else 1,
-                floor_bytes=floor_bytes, memory=True)
+                impl in BASELINES, flops=flops, bytes=bytes_, bound="both", build=build,
+                compute_dtype=torch.bfloat16, floor_flops=floor, warmup=3 if impl in ("compile", "reference-compiled") else 1,
+                floor_bytes=floor_bytes, memory=True, extra={"compute": compute},
+                peak_dtype=torch.float32 if compute.endswith("+ fp32 Gram") else None)
+
+
+def step_compute(impl: str, model, dtype, plan: Plan) -> str:
+    """What a step row computes in: the params' dtype, and its Spectral Newton-Schulz's iteration dtype (bf16,
+    dk.Scion's default and the reference's) with the method ours picks ("auto") for the model's hidden shapes."""
+    label = f"{dtype_name(dtype)} params, bf16 NS"
+    if impl in BASELINES or impl in ("eager", "captured"):
+        return label + (" (compiled)" if impl == "reference-compiled" else "")
+    backend = "torch" if impl == "compile" else impl
+    methods = set()
+    for _, shape in model.hidden():
+        G = torch.empty((), dtype=dtype, device=plan.device.torch_device).expand(shape)
+        try:
+            methods.add(ops_ns.choose_method("auto", ops_ns.choose_backend(backend, G, torch.bfloat16, 5), G,
+                                             torch.bfloat16))
+        except (ValueError, RuntimeError):
+            methods.add("standard")
+    return label + (" + fp32 Gram" if methods == {"gram"} else " (Gram where faster)" if "gram" in methods else "")
 
 
 def captured_cases(plan: Plan) -> list[Case]:
@@ -170,6 +199,8 @@ def cases(plan: Plan) -> list[Case]:
     impls = [i for i in plan.our_impls(shared) if i != "cuda"]  # small-matrix CUDA kernels: "auto" runs them
     impls = (["auto"] if plan.device.is_cuda and plan.wants("auto") else []) + impls
     impls += ["reference"] if plan.wants("reference") else []
+    if (plan.compile and plan.impls is None) or "reference-compiled" in (plan.impls or ()):
+        impls.append("reference-compiled")
     out = [_case(plan, m, dtype, impl) for m in for_preset(STEP_MODELS, plan.preset, plan.device.torch_device)
            for dtype in plan.dtypes for impl in impls if impl != "compile" or m.name == PROXY.name]
     out += captured_cases(plan)

@@ -3,7 +3,7 @@
 Bandwidth-bound: the floor reads W once per iteration (u = W v and Wᵀ u can
 share one pass over row blocks). Ours per backend and torch.compile of the plain
 torch iteration; baselines: that plain iteration (two passes over an fp32 copy
-of W) and, in full runs and on GPUs, the exact sigma_max from
+of W; ours accumulates in fp32 too: every row's ``compute`` is fp32 but for fp64 W) and, in full runs and on GPUs, the exact sigma_max from
 torch.linalg.matrix_norm(ord=2), an SVD (up to SVD_MAX_NUMEL elements: seconds
 per call above). Error: against tests/oracle.py's fp64 iteration from the same start vector, bounded by
 the suite's rule (tests/tolerances.py) from the oracle's iteration in W's dtype.
@@ -59,7 +59,8 @@ def _case(plan, model, name, shape, dtype, impl, baseline, fn, warmup) -> Case:
     *batch, m, n = shape
     bytes_ = math.prod(batch) * (ITERS * m * n * dtype.itemsize + 8 * n)  # W per iteration; v in and out (fp32)
     return Case("power_iteration", model, name, "x".join(map(str, shape)), dtype, impl, baseline,
-                flops=math.prod(batch) * ITERS * 4 * m * n, bytes=bytes_, bound="memory", build=build, warmup=warmup)
+                flops=math.prod(batch) * ITERS * 4 * m * n, bytes=bytes_, bound="memory", build=build, warmup=warmup,
+                compute_dtype=torch.promote_types(dtype, torch.float32) if not baseline else torch.float32)
 
 
 def cases(plan: Plan) -> list[Case]:

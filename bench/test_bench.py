@@ -14,12 +14,14 @@ import torch
 
 import disco_kernels as dk
 
+from . import __main__ as cli
 from . import baselines, compare, fused_update, newton_schulz, optimizer_step, power_iteration, report
 from .__main__ import main
-from .case import Case, Check, Plan, measure, oracle, tolerances
+from .case import Case, Check, Plan, measure, measure_group, oracle, tolerances
 from .device import Device, table_peaks
 from .memory import peak_extra_bytes, running_peak
 from .shapes import GPT2_124M, PROXY, ns_floor_flops, ns_flops, step_bytes
+from .timing import NOISY_SPREAD, interleaved, percentiles
 
 # Fixed peaks: the tests check the arithmetic, not this machine.
 CPU = Device(torch.device("cpu"), "cpu (test)", "measured", {"fp32": 0.05, "bf16": 0.05}, 10.0)
@@ -268,17 +270,18 @@ def test_cli_keeps_every_case_and_stops_cleanly_on_sigint(tmp_path, monkeypatch)
     out = tmp_path / "r"
     timed = []
 
-    def fake_measure(case, plan):
-        if len(timed) == 2:
-            assert len(json.loads((out / "results.json").read_text())["rows"]) == 2
+    def fake_measure(cases, plan):
+        if len(timed) >= 2:
+            assert len(json.loads((out / "results.json").read_text())["rows"]) == len(timed)
             raise KeyboardInterrupt
-        timed.append(case)
-        return {**cli._skipped(case), "status": "ok", "time_ms": 1.0, "share_of_peak": 0.5}
-    monkeypatch.setattr(cli, "measure", fake_measure)
+        timed.extend(cases)
+        return [{**cli._skipped(c), "status": "ok", "time_ms": 1.0, "share_of_peak": 0.5} for c in cases]
+    monkeypatch.setattr(cli, "measure_group", fake_measure)
     main(["--smoke", "--suites", "fused_update", "--no-plots", "--out", str(out)])
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["status"] for r in rows[:2]] == ["ok", "ok"] and len(rows) > 3
-    assert {r["status"] for r in rows[2:]} == {"skipped: interrupted"}
+    n = len(timed)
+    assert n >= 2 and [r["status"] for r in rows[:n]] == ["ok"] * n and len(rows) > n + 1
+    assert {r["status"] for r in rows[n:]} == {"skipped: interrupted"}
     assert not list(out.glob("*.tmp"))
 
 
@@ -291,13 +294,22 @@ def test_cli_time_limit_and_out_template(tmp_path):
 
 
 def test_cli_writes_results_and_plots(tmp_path):
-    out = main(["--smoke", "--suites", "newton_schulz,step", "--dtypes", "fp32", "--out", str(tmp_path / "r")])
+    history = tmp_path / "history.csv"
+    out = main(["--smoke", "--suites", "newton_schulz,step", "--dtypes", "fp32", "--out", str(tmp_path / "r"),
+                "--history", str(history)])
     data = json.loads((out / "results.json").read_text())
     env = data["environment"]
     assert env["torch"] == torch.__version__ and env["peak_gbps"] > 0 and env["peak_tflops"]["fp32"] > 0
     rows = data["rows"]
     assert {r["suite"] for r in rows} == {"newton_schulz", "step"}
     assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["share_of_peak"] > 0 for r in rows)
+    assert all(0 < r["p20_ms"] <= r["time_ms"] <= r["p80_ms"] and r["compute"] and r["peak_dtype"] for r in rows)
+    # like with like: every Newton-Schulz baseline iterates in the dtype ours does (fp32 here)
+    assert {r["compute"] for r in rows if r["suite"] == "newton_schulz" and r["baseline"]} == {"fp32"}
+    assert all(r["compute"].startswith("fp32 params, bf16 NS") for r in rows if r["suite"] == "step")
+    with history.open() as f:
+        hist = list(csv.DictReader(f))
+    assert len(hist) == len(rows) and hist[0]["revision"] and hist[0]["machine"] and hist[0]["date"]
     assert all(math.isfinite(r["speedup_vs_reference"]) for r in rows if r["impl"] != "reference")
     for r in (r for r in rows if r["suite"] == "step"):  # floor bytes beyond the update's; memory measured
         assert r["floor_bytes"] > r["bytes"] > 0 and "floor_bytes_share" not in r   # (a GPU-only share)
@@ -307,3 +319,113 @@ def test_cli_writes_results_and_plots(tmp_path):
     assert len(csv_lines) == len(rows) + 1
     for png in ("time_vs_size.png", "share_of_peak.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_percentiles_are_ordered_and_exact():
+    assert percentiles([5.0]) == (5.0, 5.0, 5.0)
+    xs = [9.0, 1.0, 5.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0, 10.0, 100.0]
+    p20, p50, p80 = percentiles(xs)
+    assert p20 <= p50 <= p80
+    assert (p20, p50, p80) == pytest.approx((3.0, 6.0, 9.0))   # inclusive quantiles of 1..10 and 100
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        p20, p50, p80 = percentiles([rng.expovariate(1.0) for _ in range(rng.randint(2, 30))])
+        assert p20 <= p50 <= p80
+
+
+def test_interleaved_alternates_and_times_each_call():
+    """Warm-ups first, then one burst per implementation per round, the order flipping every round."""
+    log, now = [], [0.0]
+
+    def clock():
+        return now[0]
+
+    def fn(name, ms):
+        def f():
+            log.append(name)
+            now[0] += ms / 1e3
+        return f
+    times = interleaved([fn("a", 10.0), fn("b", 30.0)], torch.device("cpu"), "smoke", [2, 1], clock=clock)
+    assert log[:3] == ["a", "a", "b"]  # warm-up calls (the last one timed as the estimate)
+    timed = log[3:]  # bursts of one call (the smoke budget): a b, then b a, ... in an even number of rounds
+    assert len(timed) % 4 == 0 and timed == ["a", "b", "b", "a"] * (len(timed) // 4)
+    assert len(times[0]) >= 3 and len(times[1]) >= 3
+    assert times[0] == pytest.approx([0.01] * len(times[0])) and times[1] == pytest.approx([0.03] * len(times[1]))
+
+
+def test_measure_group_reports_spread_and_flags_noise(monkeypatch):
+    """Each row gets p20 <= median <= p80 of its own calls; a spread past NOISY_SPREAD flags it noisy, and the
+    run's warnings name it."""
+    import bench.case as case_mod
+    fake = [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]]
+    monkeypatch.setattr(case_mod, "interleaved", lambda fns, *a, **k: fake[:len(fns)])
+    mk = lambda impl, base: Case("fused_update", "m", "c", "1", torch.float32, impl, base, flops=0, bytes=8,  # noqa
+                                 bound="memory", build=lambda: ((lambda: None), None))
+    quiet, noisy = measure_group([mk("torch", False), mk("reference", True)], PLAN)
+    assert (quiet["p20_ms"], quiet["time_ms"], quiet["p80_ms"]) == (1e3, 1e3, 1e3) and not quiet["noisy"]
+    assert noisy["p20_ms"] < noisy["time_ms"] < noisy["p80_ms"] and noisy["spread"] > NOISY_SPREAD and noisy["noisy"]
+    warnings = cli.noise_warnings([quiet, noisy], {"start": 0.0, "end": 0.0}, 2)
+    assert len(warnings) == 1 and "noisy rows: 1 of 2" in warnings[0] and "reference" in warnings[0]
+    assert cli.noise_warnings([quiet], {"start": 0.0, "end": 0.0}, 2) == []
+
+
+def test_load_average_above_the_cores_warns():
+    assert cli.load_warning("start", 2.0, 2) is None
+    assert "load average 2.50 above the 2 cores at the end" in cli.load_warning("end", 2.5, 2)
+    w = cli.noise_warnings([], {"start": 3.1, "end": 1.0}, 2)
+    assert len(w) == 1 and "start" in w[0]
+
+
+def test_history_appends_rows_with_date_revision_machine(tmp_path):
+    path = tmp_path / "h" / "history.csv"
+    row = {"suite": "step", "model": "m", "case": "c", "shape": "-", "dtype": "fp32", "impl": "torch",
+           "baseline": False, "status": "ok", "time_ms": 2.0, "p20_ms": 1.5, "p80_ms": 2.5, "compute": "fp32"}
+    assert report.append_history([row, {**row, "status": "skipped: time limit"}], path, "cpu, 2 cores", "quick",
+                                 date="2026-12-02T10:00:00", revision="abc1234") == 1
+    assert report.append_history([{**row, "time_ms": 3.0}], path, "cpu, 2 cores", "quick") == 1
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["p50_ms"] for r in rows] == ["2.0", "3.0"] and path.read_text().count("date,revision") == 1
+    assert (rows[0]["date"], rows[0]["revision"], rows[0]["machine"]) == ("2026-12-02T10:00:00", "abc1234",
+                                                                          "cpu, 2 cores")
+    assert rows[1]["revision"] and rows[1]["date"].startswith("20")
+
+
+def _ok_row(suite, model, case, impl, baseline, ms, share, peak="fp32", dtype="fp32", compute="fp32"):
+    return {"suite": suite, "model": model, "case": case, "shape": "1", "dtype": dtype, "impl": impl,
+            "baseline": baseline, "status": "ok", "time_ms": ms, "share_of_peak": share, "bytes": 8,
+            "compute": compute, "peak_dtype": peak}
+
+
+def test_no_empty_plot(tmp_path, capsys):
+    """A suite with no rows for time_vs_size (Newton-Schulz without its sweep) writes no empty plot, says so
+    and removes a stale one; share_of_peak still plots what exists. With no rows at all, no plot."""
+    (tmp_path / "time_vs_size.png").write_bytes(b"stale")
+    rows = [_ok_row("newton_schulz", "gpt2", "c_fc", "torch", False, 1.0, 0.5),
+            _ok_row("newton_schulz", "gpt2", "c_fc", "reference", True, 2.0, 0.25)]
+    files = report.plot(rows, tmp_path, "t")
+    assert [f.name for f in files] == ["share_of_peak.png"] and not (tmp_path / "time_vs_size.png").exists()
+    assert "time_vs_size.png: not written" in capsys.readouterr().out
+    assert report.plot([], tmp_path / "none", "t") == [] and not (tmp_path / "none" / "share_of_peak.png").exists()
+    rows.append(_ok_row("newton_schulz", "sweep", "n=16", "torch", False, 1.0, 0.5))
+    files = report.plot(rows, tmp_path, "t")
+    assert [f.name for f in files] == ["time_vs_size.png", "share_of_peak.png"]
+
+
+def test_one_peak_per_case():
+    """Every row of a case is scored against the peak of the dtype ours computes in, whatever a baseline
+    computes in: a slower baseline can never show a larger share than ours."""
+    dev = Device(torch.device("cpu"), "cpu (test)", "measured", {"fp32": 1.0, "bf16": 0.01}, 10.0)
+    plan = Plan(dev, "smoke", (torch.float32,))
+    mk = lambda impl, base, cdt: Case("newton_schulz", "m", "c", "8x8", torch.float32, impl, base, flops=1e9,  # noqa
+                                      bytes=0, bound="compute", build=lambda: ((lambda: None), None), compute_dtype=cdt)
+    import bench.case as case_mod
+    real = case_mod.interleaved
+    try:
+        case_mod.interleaved = lambda fns, *a, **k: [[1.0], [2.0]]
+        ours, base = measure_group([mk("torch", False, torch.float32), mk("reference", True, torch.bfloat16)], plan)
+    finally:
+        case_mod.interleaved = real
+    assert ours["peak_dtype"] == base["peak_dtype"] == "fp32" and base["compute"] == "bf16"
+    assert ours["share_of_peak"] == pytest.approx(2 * base["share_of_peak"])
