@@ -25,6 +25,7 @@ from . import reference
 from ._validate import as_dtype, count, flag
 from .ops import newton_schulz
 from .ops.fused_update import choose_backend as fused_backend
+from .ops.newton_schulz import check_method
 from .ops.newton_schulz import choose_backend as ns_backend
 
 class Norm:
@@ -85,11 +86,13 @@ class _NewtonSchulzNorm(Norm):
     batch_dims = 0
     transpose = False
 
-    def __init__(self, steps=5, coefficients="jordan", dtype="bfloat16"):
+    def __init__(self, steps=5, coefficients="jordan", dtype="bfloat16", method="auto"):
         reference.ns_schedule(coefficients, count(steps, "steps"))  # validates
         self.steps = steps
         self.coefficients = coefficients
         self.dtype = as_dtype(dtype)
+        check_method(method, self.dtype)
+        self.method = method
 
     def check(self, shape, name="g"):
         super().check(shape, name)
@@ -126,7 +129,7 @@ class _NewtonSchulzNorm(Norm):
 
     def orthogonalise(self, G: torch.Tensor, *, backend="auto") -> torch.Tensor:
         """Newton-Schulz of (b, m, n) G, per matrix, unscaled."""
-        return newton_schulz(G, self.steps, self.coefficients, dtype=self.dtype, backend=backend)
+        return newton_schulz(G, self.steps, self.coefficients, dtype=self.dtype, backend=backend, method=self.method)
 
     def orthogonalise_param(self, G: torch.Tensor, *, backend="auto") -> torch.Tensor:
         """The raw factor X (in ``dtype``) of a (b, *shape) batch of params, ``shape`` as this rank holds it:
@@ -180,8 +183,9 @@ class _NewtonSchulzNorm(Norm):
 class Spectral(_NewtonSchulzNorm):
     """Spectral norm LMO: NS(g) * sqrt(d_out / d_in) (normalized) or sqrt(d_out); max=True takes max(1, .).
 
-    Extras: ``coefficients`` ("jordan", "polar_express" or (a, b, c) triples) and ``dtype`` of the
-    iteration (bfloat16 by default, as the reference).
+    Extras: ``coefficients`` ("jordan", "polar_express" or (a, b, c) triples), ``dtype`` of the
+    iteration (bfloat16 by default, as the reference) and ``method`` ("auto", "standard", "gram": the
+    Newton-Schulz form, ``ops.newton_schulz``; auto takes Gram where it is measured faster).
     ``transpose=True``: each matrix is stored (d_in, d_out), as GPT-2's ``Conv1D`` (y = x W) stores it:
     d_out is its last dim, d_in the one before, for the factor, the init and the blocks.
     Blocks, each orthogonalised and scaled as its own matrix, NS(block) * sqrt(block's d_out / d_in):
@@ -193,8 +197,8 @@ class Spectral(_NewtonSchulzNorm):
     """
 
     def __init__(self, max=False, normalized=True, steps=5, *, coefficients="jordan", dtype="bfloat16",
-                 transpose=False, batch_dims=0, splits=None, heads=None):
-        super().__init__(steps, coefficients, dtype)
+                 method="auto", transpose=False, batch_dims=0, splits=None, heads=None):
+        super().__init__(steps, coefficients, dtype, method)
         self.max = flag(max, "max")
         self.normalized = flag(normalized, "normalized")
         self.transpose = flag(transpose, "transpose")
@@ -254,8 +258,8 @@ class SpectralConv(_NewtonSchulzNorm):
 
     ndims = (3, 4)
 
-    def __init__(self, steps=5, *, coefficients="jordan", dtype="bfloat16"):
-        super().__init__(steps, coefficients, dtype)
+    def __init__(self, steps=5, *, coefficients="jordan", dtype="bfloat16", method="auto"):
+        super().__init__(steps, coefficients, dtype, method)
 
     def alpha(self, shape):
         return reference.spectral_conv_scale(shape)

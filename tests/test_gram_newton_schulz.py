@@ -205,3 +205,27 @@ def test_torch_compile_and_opcheck():
     for args in [(G, jordan * 2, 1.0, 1e-7, torch.bfloat16, "torch", "gram"),
                  (torch.randn(7, 5), jordan, 1.0, 1e-7, torch.float32, "torch", "gram")]:
         torch.library.opcheck(torch.ops.disco_kernels.newton_schulz.default, args)
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_spectral_norm_kwarg_forces_the_method(monkeypatch, method):
+    """norm_kwargs={"method": ...} reaches the op (the op's own tests check each method's numbers)."""
+    seen = []
+    real = torch.ops.disco_kernels.newton_schulz
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(args[-1])
+            return real(*args)
+    monkeypatch.setattr(torch.ops.disco_kernels, "newton_schulz", Spy())
+    p = torch.nn.Parameter(torch.randn(8, 32))
+    p.grad = torch.randn(8, 32)
+    dk.Scion([p], norm="Spectral", norm_kwargs={"method": method, "dtype": "float32"}, backend="torch").step()
+    assert seen == [method]
+
+
+def test_spectral_rejects_a_bad_method_before_any_step():
+    with pytest.raises(ValueError, match="method must be one of"):
+        dk.lmo.Spectral(method="fast")
+    with pytest.raises(ValueError, match="method='gram' needs a dtype wider"):
+        dk.lmo.Spectral(method="gram", dtype="float64")
