@@ -44,6 +44,7 @@ SPECS = {
     "wk": ((10, 9), "Spectral", {}),                       # batches with wq
     "qkv": ((16, 9), "Spectral", {"splits": [8, 4, 4]}),    # fused GQA projection
     "heads": ((12, 9), "Spectral", {"heads": 3}),
+    "c_attn": ((9, 27), "Spectral", {"transpose": True, "splits": [9, 9, 9]}),  # GPT-2's Conv1D: (in, out)
     "wo": ((9, 13), "Spectral", {"dtype": "float32"}),
     "experts": ((4, 6, 5), "Spectral", {"batch_dims": 1}),
     "emb": ((11, 6), "ColNorm", {"transpose": True}),
@@ -310,6 +311,8 @@ def _costs(scene_routes) -> list[int]:
             continue
         mats = math.prod(shape[:kw.get("batch_dims", 0)])
         rows, cols = shape[kw.get("batch_dims", 0)], math.prod(shape[kw.get("batch_dims", 0) + 1:])
+        if kw.get("transpose"):  # (blocks cut the output dim, stored last)
+            rows, cols = cols, rows
         blocks = kw.get("splits") or [rows // kw.get("heads", 1)] * kw.get("heads", 1)
         for b in blocks:
             m, k = min(b, cols), max(b, cols)
