@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from . import reference
 from .ops import power_iteration
-from .param_groups import classify
+from .param_groups import assign
 from .scaling import OUTPUT_NORM_LOG2
 
 
@@ -43,6 +43,20 @@ def _check(W, name: str = "W") -> torch.Tensor:
         raise ValueError(f"{name} must be a non-empty (d_out, d_in) or batched (..., d_out, d_in) matrix, "
                          f"got shape {tuple(W.shape)}")
     return W.detach()
+
+
+# The norm each role is measured in (the geometry of its LMO): "spectral" is rms_to_rms of ``oriented``.
+ROLE_NORM = {"input": "l1_to_rms", "bias_table": "l1_to_rms", "output": "rms_to_inf", "position": "rms_to_inf",
+             "hidden": "rms_to_rms", "conv": "rms_to_rms", "expert": "rms_to_rms"}
+
+
+def oriented(W: torch.Tensor, role: str, norm_kwargs: dict) -> torch.Tensor:
+    """W as (b, d_out, d_in), as its role's norm reads it: a conv kernel reshaped (c_out, -1), an expert
+    weight's matrices, a weight stored (d_in, d_out) (``transpose``) turned, an embedding (vocab, d) turned
+    (its input geometry reads columns of Wᵀ)."""
+    M = W.reshape(1, W.size(0), -1) if role == "conv" or W.dim() == 2 else W.reshape(-1, *W.shape[-2:])
+    turn = bool(norm_kwargs.get("transpose")) != (role == "input")
+    return M.mT if turn else M
 
 
 def rms_to_rms(W: torch.Tensor, *, exact: bool = True, iters: int = 20) -> torch.Tensor:
@@ -83,8 +97,9 @@ class NormMonitor:
     ``updates=True``, on its change ΔW (= −lr·u for unconstrained Scion; this keeps a
     copy of the monitored weights during each recorded step):
 
-        input   l1_to_rms(Wᵀ), supremum     hidden  rms_to_rms, supremum
-        output  rms_to_inf, supremum        conv    rms_to_rms of W.reshape(c_out, -1), supremum
+        input, bias_table   l1_to_rms          output, position   rms_to_inf
+        hidden, conv, expert     rms_to_rms (the largest of an expert weight's matrices)
+    each of W ``oriented`` (d_out, d_in) (a Conv1D's (in, out) turned), and supremum of every weight.
 
     rms_to_rms comes from power iteration warm-started from the previous record
     (``warmup_iters`` on a layer's first record, ``iters`` after). Entries are named
@@ -116,8 +131,9 @@ class NormMonitor:
         if csv_path is not None and not Path(csv_path).parent.is_dir():
             raise ValueError(f"csv_path {str(csv_path)!r}: its directory does not exist")
         params = dict(model.named_parameters())
-        self.layers = {n: (r, params[n]) for n, r in classify(model, output=output, roles=roles).items()
-                       if r != "vector"}
+        self.layers = {n: (r, params[n]) for n, (r, kw) in assign(model, output=output, roles=roles).items()
+                       if r in ROLE_NORM}
+        self._kwargs = {n: kw for n, (_, kw) in assign(model, output=output, roles=roles).items()}
         self.output = next((n for n, (r, _) in self.layers.items() if r == "output"), None)
         self.every, self.target, self.updates = every, target, updates
         self.iters, self.warmup_iters, self.condition_numbers = iters, warmup_iters, condition_numbers
@@ -165,24 +181,20 @@ class NormMonitor:
             return None
         return self.record()
 
-    def _spectral(self, key: str, W: torch.Tensor) -> torch.Tensor:
+    def _spectral(self, key: str, M: torch.Tensor) -> torch.Tensor:
+        """rms_to_rms of the largest of M's (b, d_out, d_in) matrices, by warm-started power iteration."""
         v = self._v.get(key)
-        sigma, self._v[key] = power_iteration(W, v, iters=self.iters if v is not None else self.warmup_iters)
-        return math.sqrt(W.size(1) / W.size(0)) * sigma
+        sigma, self._v[key] = power_iteration(M, v, iters=self.iters if v is not None else self.warmup_iters)
+        return (math.sqrt(M.size(2) / M.size(1)) * sigma).max()
 
-    def _norms(self, key: str, role: str, W: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _norms(self, key: str, name: str, role: str, W: torch.Tensor) -> dict[str, torch.Tensor]:
         W = _full(W.detach())
-        W2 = W.reshape(W.size(0), -1)
-        out = {}
-        if role == "input":
-            out["l1_to_rms"] = reference.l1_to_rms(W2.mT)
-        elif role == "output":
-            out["rms_to_inf"] = reference.rms_to_inf(W2)
-        else:
-            out["rms_to_rms"] = self._spectral(key, W2)
-        out["supremum"] = reference.supremum(W2)
+        M = oriented(W, role, self._kwargs[name])
+        norm = ROLE_NORM[role]
+        out = {norm: self._spectral(key, M) if norm == "rms_to_rms" else getattr(reference, norm)(M).max()}
+        out["supremum"] = reference.supremum(M).max()
         if self.condition_numbers:
-            out["condition_number"] = reference.condition_number(W2)
+            out["condition_number"] = reference.condition_number(M).max()
         return out
 
     @torch.no_grad()
@@ -194,10 +206,10 @@ class NormMonitor:
         start = time.perf_counter()
         values: dict[str, torch.Tensor] = {}
         for name, (role, p) in self.layers.items():
-            for norm, v in self._norms(name, role, p).items():
+            for norm, v in self._norms(name, name, role, p).items():
                 values[f"{name}/{norm}"] = v
             if self._before is not None:
-                for norm, v in self._norms(f"update/{name}", role, p - self._before[name]).items():
+                for norm, v in self._norms(f"update/{name}", name, role, p - self._before[name]).items():
                     values[f"update/{name}/{norm}"] = v
         self._before = None
         rec = {"step": self.steps}

@@ -47,7 +47,7 @@ from . import norms, scaling
 from .models import PRESETS, NormEverywhereLM
 from .norms import NormMonitor
 from .optim import Scion
-from .param_groups import classify, param_groups
+from .param_groups import assign, param_groups
 from .scaling import OUTPUT_NORM_LOG2
 
 SWEEP_LR_FACTORS = (1 / 4, 1 / 2, 1, 2, 4)  # default sweep grid, relative to --lr and --batch-size
@@ -126,17 +126,11 @@ def layer_log2_norms(model) -> dict[str, float]:
     rms_to_rms (fp64 SVD), output rms_to_inf; keyed "<param name>/<norm>"."""
     params = dict(model.named_parameters())
     out = {}
-    for name, role in classify(model).items():
-        W = params[name].detach()
-        if role == "input":
-            key, value = "l1_to_rms", norms.l1_to_rms(W.mT)
-        elif role == "output":
-            key, value = "rms_to_inf", norms.rms_to_inf(W)
-        elif role in ("hidden", "conv"):
-            key, value = "rms_to_rms", norms.rms_to_rms(W.reshape(W.size(0), -1))
-        else:
-            continue
-        out[f"{name}/{key}"] = math.log2(value.item())
+    for name, (role, kwargs) in assign(model).items():
+        if role in norms.ROLE_NORM:
+            key = norms.ROLE_NORM[role]
+            value = getattr(norms, key)(norms.oriented(params[name].detach(), role, kwargs)).max()
+            out[f"{name}/{key}"] = math.log2(value.item())
     return out
 
 

@@ -230,3 +230,45 @@ def test_monitor_without_updates_or_output():
 def test_monitor_bad_arguments(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         norms.NormMonitor(MLP(), **kwargs)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D as transformers defines it: y = x W + b, W stored (nx, nf) = (d_in, d_out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class MixedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.wpe = nn.Embedding(7, 6)
+        self.fc = Conv1D(24, 6)   # (6, 24): d_in 6, d_out 24
+        self.experts = nn.Parameter(torch.randn(3, 5, 6))
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight  # tied: the positions get the "position" role
+
+
+def test_monitor_reads_each_weight_in_its_role_and_layout():
+    """A Conv1D's (in, out) weight is measured as (out, in); an expert weight by its largest expert; learned
+    positions of a tied model as the output layer is: fp64 restatements (tests/oracle.py)."""
+    torch.manual_seed(0)
+    model = MixedModel()
+    monitor = norms.NormMonitor(model, every=1, updates=False, warmup_iters=200)
+    rec = monitor.step()
+    fc, experts = model.fc.weight.detach().double(), model.experts.detach().double()
+    assert rec["fc.weight/rms_to_rms"] == pytest.approx(oracle.rms_to_rms(fc.T).item(), rel=1e-5)
+    want = max(oracle.rms_to_rms(e).item() for e in experts)
+    assert rec["experts/rms_to_rms"] == pytest.approx(want, rel=1e-5)
+    assert rec["wpe.weight/rms_to_inf"] == pytest.approx(oracle.rms_to_inf(model.wpe.weight.detach().double()).item())
+    from disco_kernels.train import layer_log2_norms
+    logs = layer_log2_norms(model)
+    assert logs["fc.weight/rms_to_rms"] == pytest.approx(math.log2(oracle.rms_to_rms(fc.T).item()))
+    assert logs["experts/rms_to_rms"] == pytest.approx(math.log2(want))
