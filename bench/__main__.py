@@ -12,6 +12,13 @@ fp64 oracle (tests/oracle.py) and ``err_bound`` is the suite's one tolerance rul
 for it (tests/tolerances.py); a case beyond it gets a note. The whole-step rows also give the floor of
 the bytes a step moves and its peak extra memory, ours beside the reference's.
 
+The implementations of a case (ours and its baselines, each baseline at the iteration dtype ours runs in)
+are timed interleaved (bench/timing.py); each row has ``compute`` (what it computes in), the median
+``time_ms`` with ``p20_ms`` and ``p80_ms``, and ``share_of_peak`` against one peak per case, that of the dtype
+ours computes in (``peak_dtype``). The run warns when the 1-minute load average is above the core count at
+its start or end, or rows spread past timing.NOISY_SPREAD, and appends its timed rows to ``--history``
+(bench/results/history.csv; not with --smoke) with date, git revision and machine.
+
 ``python -m bench.compare --base REV [--quick]`` times the whole step of a git revision and of the
 working tree side by side, interleaved in one run (bench/compare.py).
 """

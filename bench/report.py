@@ -125,9 +125,11 @@ def plot(rows: list[dict], out: Path, title: str = "") -> list[Path]:
         print(f"{target.name}: not written, no timed rows")
         target.unlink(missing_ok=True)
         return files
-    width = 6.0 * len(suites)
     series = {s: _series(_ok(rows, s)) for s in suites}
-    height = max(4.0, 1.6 + 0.28 * max(len(v) for v in series.values()))
+    label_in = 0.075 * max(len(_label(k)) for ss in series.values() for k, _ in ss)  # the bar labels' width
+    panel = 4.0 + label_in
+    width = panel * len(suites)
+    height = max(4.0, 2.0 + 0.3 * max(len(v) for v in series.values()))
     fig, axes = plt.subplots(1, len(suites), figsize=(width, height), squeeze=False)
     for ax, suite in zip(axes[0], suites):
         ss = series[suite]
@@ -135,17 +137,17 @@ def plot(rows: list[dict], out: Path, title: str = "") -> list[Path]:
         ax.barh([_label(k) for k, _ in ss], values,
                 color=["tab:gray" if rs[0]["baseline"] else "tab:blue" for _, rs in ss])
         for y, v in enumerate(values):
-            ax.annotate(f"{v:.3g}%", (v, y), xytext=(2, 0), textcoords="offset points", va="center", fontsize=6)
+            ax.annotate(f"{v:.3g}%", (v, y), xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
         ax.invert_yaxis()
-        peaks = sorted({r.get("peak_dtype") or r["dtype"] for _, rs in ss for r in rs})
-        ax.set_title(_wrapped(f"{suite}: against the {' / '.join(peaks)} peak (the dtype ours computes in; "
-                              "every row of a case against the same one)", width / len(suites), 8), fontsize=8)
-        ax.set(xlabel="median share of peak (%), higher is better")
-        ax.set_xlim(0, max(values) * 1.2 if values and max(values) > 0 else 1)
+        peaks = " / ".join(sorted({r.get("peak_dtype") or r["dtype"] for _, rs in ss for r in rs}))
+        ax.set_title(suite, fontsize=10)
+        ax.set_xlabel(_wrapped(f"median share of the {peaks} peak (%), higher is better; every row of a case "
+                               "against the peak of the dtype ours computes in", panel - label_in, 8), fontsize=8)
+        ax.set_xlim(0, max(values) * 1.25 if values and max(values) > 0 else 1)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(True, axis="x", alpha=0.3)
-    axes[0][-1].legend(handles=[Patch(color="tab:blue", label="ours"), Patch(color="tab:gray", label="baseline")],
-                       fontsize=7, loc="lower right")
+        ax.legend(handles=[Patch(color="tab:blue", label="ours"), Patch(color="tab:gray", label="baseline")],
+                  fontsize=7, loc="best")
     fig.suptitle(_wrapped(title, width, 9), fontsize=9)
     fig.tight_layout()
     fig.savefig(target, dpi=120)
