@@ -137,13 +137,4 @@ def _cuda_events(fn, warmup: float, budget: float) -> float:
     estimate = max(time.perf_counter() - t0, 1e-6)
     for _ in range(max(1, int(warmup / estimate))):
         fn()
-    runs = max(3, min(1000, int(budget / estimate)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
-    for s, e in zip(starts, ends):
-        flush.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+    return statistics.median(_cuda_burst(fn, max(3, min(1000, int(budget / estimate))), flush))

@@ -269,6 +269,20 @@ def _coefficients(flat: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(flat, dtype=torch.float32).to(device)
 
 
+def _views(G: torch.Tensor, out: torch.Tensor):
+    """(G3, out3, tall, m, n) of non-empty G and out: both as (b, M, N), and X's sizes m <= n (X = G, or Gᵀ
+    per matrix when tall)."""
+    G3 = G.reshape(-1, *G.shape[-2:])
+    b, M, N = G3.shape
+    tall = M > N
+    return G3, out.view(b, M, N), tall, *((N, M) if tall else (M, N))
+
+
+def _x_strides(t: torch.Tensor, tall: bool) -> tuple:
+    """(batch, row, col) strides of X = t (or tᵀ when tall)."""
+    return (t.stride(0), t.stride(2), t.stride(1)) if tall else t.stride()
+
+
 def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """NS of (..., M, N) ``G``: contiguous, shape of G, in ``dtype``. float64 and zero steps (no matmul to
     fuse into) take the torch path."""
@@ -278,19 +292,12 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
     out = torch.empty(G.shape, dtype=dtype, device=G.device)
     if out.numel() == 0:
         return out
-    G3 = G.reshape(-1, *G.shape[-2:])
+    G3, out3, tall, m, n = _views(G, out)
     b, M, N = G3.shape
-    tall = M > N
-    m, n = (N, M) if tall else (M, N)
-    out3 = out.view(b, M, N)
-
-    def strides(t):  # (batch, row, col) strides of X = t (or tᵀ when tall)
-        return (t.stride(0), t.stride(2), t.stride(1)) if tall else t.stride()
-
     tile = _small_tile(m, n, dtype)
     if tile is not None:
         coef = _coefficients(tuple(x for t in triples for x in t), G.device)
-        _small_kernel[(b,)](G3, out3, coef, len(triples), m, n, *strides(G3), *strides(out3), mult, eps,
+        _small_kernel[(b,)](G3, out3, coef, len(triples), m, n, *_x_strides(G3, tall), *_x_strides(out3, tall), mult, eps,
                             PREC=_PREC[dtype], BM=tile[0], BN=tile[1], num_warps=4 if tile[0] * tile[1] <= 4096 else 8)
         return out
     if b > MAX_GRID_Y:  # the tiled kernels' batch is grid axis 1
@@ -306,14 +313,14 @@ def newton_schulz(G: torch.Tensor, triples, mult: float, eps: float, dtype: torc
     A = torch.empty((b, m, m), dtype=dtype, device=G.device)
     B = torch.empty_like(A)
     bufs = [torch.empty((b, m, n), dtype=dtype, device=G.device) for _ in range(min(2, len(triples) - 1))]
-    X, sx = G3, strides(G3)
+    X, sx = G3, _x_strides(G3, tall)
     for k, (a, cb, cc) in enumerate(triples):
         first, last = k == 0, k == len(triples) - 1
         gram_kernel[lambda meta: (_tri(m, meta), b)](X, A, m=m, n=n, sx_b=sx[0], sx_m=sx[1], sx_n=sx[2],
                                                       SCALED=first, XDT=_TL[dtype], **norm)
         sym_kernel[lambda meta: (_tri(m, meta), b)](A, A, A, B, m, 0.0, cb, cc, PREC=_PREC[dtype])
         Y = out3 if last else bufs[k % 2]
-        sy = strides(out3) if last else Y.stride()
+        sy = _x_strides(out3, tall) if last else Y.stride()
         update_kernel[lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), b)](
             X, B, Y, m=m, n=n, sx_b=sx[0], sx_m=sx[1], sx_n=sx[2], so_b=sy[0], so_m=sy[1], so_n=sy[2], coef_a=a,
             SCALED=first, **norm)
@@ -331,24 +338,18 @@ def newton_schulz_gram(G: torch.Tensor, triples, mult: float, eps: float, dtype:
     out = torch.empty(G.shape, dtype=dtype, device=G.device)
     if out.numel() == 0:
         return out
-    G3 = G.reshape(-1, *G.shape[-2:])
+    G3, out3, tall, m, n = _views(G, out)
     b, M, N = G3.shape
-    tall = M > N
-    m, n = (N, M) if tall else (M, N)
-    out3 = out.view(b, M, N)
     if b > MAX_GRID_Y:  # the kernels' batch is grid axis 1
         for s in range(0, b, MAX_GRID_Y):
             out3[s:s + MAX_GRID_Y] = newton_schulz_gram(G3[s:s + MAX_GRID_Y], triples, mult, eps, dtype)
         return out
 
-    def strides(t):  # (batch, row, col) strides of X = t (or tᵀ when tall)
-        return (t.stride(0), t.stride(2), t.stride(1)) if tall else t.stride()
-
     P = num_partials(M)
     part = torch.empty((b, P), dtype=torch.float64, device=G.device)
     _sumsq_kernel[(P, b)](G3, part, M, N, *G3.stride(), triton.cdiv(M, P), P, BR=8, BC=64)
     norm = dict(part_ptr=part, P=P, mult=mult, eps=eps, PB=triton.next_power_of_2(P))
-    sg = strides(G3)
+    sg = _x_strides(G3, tall)
     R, W, Q, T = (torch.empty((b, m, m), dtype=torch.float32, device=G.device) for _ in range(4))
     grid = lambda meta: (_tri(m, meta), b)  # noqa: E731
     gram_kernel[grid](G3, R, m=m, n=n, sx_b=sg[0], sx_m=sg[1], sx_n=sg[2], SCALED=True, XDT=_TL[dtype],
@@ -364,7 +365,7 @@ def newton_schulz_gram(G: torch.Tensor, triples, mult: float, eps: float, dtype:
         if k + 1 < len(triples):
             sym_kernel[grid](R, Wk, R, T, m, 0.0, 0.0, 1.0, PREC="ieee")  # T = R W
             sym_kernel[grid](Wk, T, T, R, m, 0.0, 0.0, 1.0, PREC="ieee")  # R <- W T
-    so = strides(out3)
+    so = _x_strides(out3, tall)
     update_kernel[lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), b)](
         G3, Q.to(dtype), out3, m=m, n=n, sx_b=sg[0], sx_m=sg[1], sx_n=sg[2], so_b=so[0], so_m=so[1], so_n=so[2],
         coef_a=0.0, SCALED=True, PREC=_PREC[dtype], **norm)
