@@ -21,7 +21,6 @@ import contextlib
 import math
 import os
 import tempfile
-import traceback
 from collections import defaultdict
 from datetime import timedelta
 
@@ -32,7 +31,7 @@ from torch import nn
 
 import disco_kernels as dk
 import oracle
-from multiproc import run_world
+from multiproc import results, run_world
 from disco_kernels import distributed as ddist
 from test_lines import assert_lines_close, line_dim, lined, lined_biases, oracle_step, tiny
 from tolerances import assert_close, plain_dtype
@@ -351,8 +350,7 @@ def _job(rank, world, root):
     dist.init_process_group(backend, init_method=f"file://{root}/store{world}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     sub = dist.new_group(SUB_RANKS) if world == SUB_WORLD else None  # every rank must call new_group
-    out = {}
-    try:
+    with results(world, rank, root) as out:
         for kind in MODELS:
             for cls in (dk.Scion, dk.ScionLight):
                 out[kind, cls.__name__] = _scenario_train(kind, world, device, cls)
@@ -370,11 +368,6 @@ def _job(rank, world, root):
             out["sub"]["lines"] = _scenario_lines(len(SUB_RANKS), device, sub)
         if sub is not None:
             dist.barrier()
-    except Exception:
-        out["error"] = traceback.format_exc()
-    finally:
-        torch.save(out, f"{root}/out{world}_{rank}.pt")
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

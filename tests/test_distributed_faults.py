@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
-import traceback
 from datetime import timedelta
 
 import pytest
@@ -15,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import disco_kernels as dk
+from multiproc import results, run_world
 from disco_kernels import distributed as ddist
 
 pytestmark = pytest.mark.distributed
@@ -110,35 +109,25 @@ def _attempt(kind, fault):
 FAULTS = ("grad shape", "closure", "param list", "compute")
 
 
-def _job(rank, root):
+def _job(rank, world, root):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
-    out = {}
-    try:
+    with results(world, rank, root) as out:
         for kind in ("replicated", "fsdp"):
             for fault in FAULTS:
                 out[kind, fault] = _attempt(kind, fault)
-    except Exception:
-        out["error"] = traceback.format_exc()
-    finally:
-        torch.save(out, f"{root}/out{rank}.pt")
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def outs():
-    import torch.multiprocessing as mp
     os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as root:
-        ctx = mp.start_processes(_job, args=(root,), nprocs=WORLD, join=False, start_method="fork")
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"the fault job hung (killed after {TIMEOUT_S} s)")
-        yield [torch.load(f"{root}/out{r}.pt", weights_only=False) for r in range(WORLD)]
+        try:
+            outs = run_world(_job, WORLD, root, TIMEOUT_S)
+        except TimeoutError as e:
+            pytest.fail(f"the fault job hung: {e}")
+        yield outs
 
 
 EXPECTED = {  # fault -> (error type on every rank, words of the message)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import traceback
 from datetime import timedelta
 
 import pytest
@@ -27,7 +26,7 @@ from torch import nn
 import disco_kernels as dk
 from disco_kernels import distributed as ddist
 import oracle
-from multiproc import run_world
+from multiproc import results, run_world
 from tolerances import assert_close
 
 pytestmark = pytest.mark.distributed
@@ -203,8 +202,7 @@ def _job(rank, world, root):
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if USE_CUDA else "gloo", init_method=f"file://{root}/store{world}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    out = {}
-    try:
+    with results(world, rank, root) as out:
         mesh = _mesh(world)
         scenes = scenarios(world)
         for name, placements in scenes.items():
@@ -212,11 +210,6 @@ def _job(rank, world, root):
             out[name, "pieces"] = _pieces(mesh, placements)
         out["torch_apis"] = _torch_apis(mesh)
         out["dcp"] = _dcp(mesh, f"{root}/dcp{world}", scenes)
-    except Exception:
-        out["error"] = traceback.format_exc()
-    finally:
-        torch.save(out, f"{root}/out{world}_{rank}.pt")
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
