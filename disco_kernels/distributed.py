@@ -733,7 +733,7 @@ def step(engine, params, names, process_group=None, err=None) -> Stats:
     keyed = _owner_items(subs["owner"], process_group)
     cosets = [cosets_of(lay) for lay, _ in keyed]
     me = dist.get_rank()
-    for (lay, items), sets, all_owners in zip(keyed, cosets, assign_all(keyed, cosets)):
+    for (lay, items), sets, all_owners in zip(keyed, cosets, _assigned(keyed, cosets)):
         owners = next(o for coset, o in zip(sets, all_owners) if me in coset)
         work = _Owned(subs["owner"], dirs_owner, items, lay, owners, engine.backend, stats, guard)
         (_sharded if lay.kind == "sharded" else _replicated)(work, up_owner)
@@ -776,10 +776,28 @@ def _owner_items(subparts, process_group) -> list:
             lay = layout(p, process_group)
             key = (lay.kind, lay.group, lay.members, norm.dtype, p.grad.dtype)
             lays.setdefault(key, lay)
-            pieces = None if lay.kind != "sharded" else tuple(
-                piece(p.shape, lay.mesh.shape, c, lay.placements) for c in lay.coords)
+            pieces = _pieces(lay, tuple(p.shape)) if lay.kind == "sharded" else None
             keyed[key].append(Item(k, j, tuple(p.shape), ns_cost(norm, p.shape), pieces))
     return [(lays[key], order_items(items)) for key, items in keyed.items()]
+
+
+@functools.lru_cache(maxsize=4096)
+def _pieces(lay: Layout, shape: tuple) -> tuple:
+    """Each member's piece of a param of ``shape`` (a pure function of the layout: computed once, not per step)."""
+    return tuple(piece(shape, lay.mesh.shape, c, lay.placements) for c in lay.coords)
+
+
+_ASSIGNED: dict = {}  # assign_all's answers by (layouts, shapes and costs, cosets): the same every step
+
+
+def _assigned(keyed, cosets) -> list:
+    """``assign_all``, computed once per configuration of the owner route (it loops over every coset)."""
+    key = (tuple((lay, tuple((it.shape, it.cost) for it in items)) for lay, items in keyed), tuple(cosets))
+    if key not in _ASSIGNED:
+        if len(_ASSIGNED) > 64:  # (param sets that come and go: keep the cache small)
+            _ASSIGNED.clear()
+        _ASSIGNED[key] = assign_all(keyed, cosets)
+    return _ASSIGNED[key]
 
 
 # -- full tensors of DTensors (init) --------------------------------------------------
