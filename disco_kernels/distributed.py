@@ -259,7 +259,7 @@ def put_piece(full: torch.Tensor, runs, part: torch.Tensor) -> None:
 def route(norm, lay: Layout, shape) -> str:
     """"local", "owner" or "reduce" (see the module docstring) for a param of ``shape``."""
     if norm.kind is None:
-        if lay.kind == "local" or (lay.kind == "sharded" and max(lay.split_dims) < getattr(norm, "batch_dims", 0)):
+        if lay.kind == "local" or (lay.kind == "sharded" and max(lay.split_dims) < norm.batch_dims):
             return "local"  # (shards of whole matrices: a batch of experts cut along the experts)
         return "owner"
     if lay.kind == "sharded" and norm.kind == "line" and (len(shape) + norm.line_dim(shape)) in lay.split_dims:

@@ -61,14 +61,14 @@ def check_hyper(group: dict) -> None:
     flag(group["unconstrained"], "unconstrained")
 
 
-def _averages(momentum) -> bool:
+def averages(momentum) -> bool:
     """Whether momentum mixes steps (momentum != 1); a tensor's value is not read on the host: always."""
     return isinstance(momentum, torch.Tensor) or momentum != 1
 
 
 def uses_buffer(momentum, light: bool) -> bool:
     """Whether a step keeps a momentum buffer (Scion; ScionLight keeps its momentum in p.grad)."""
-    return not light and _averages(momentum)
+    return not light and averages(momentum)
 
 
 @dataclass
@@ -241,7 +241,7 @@ class Engine:
         group = part.group
         apply_update(local(part.params), updates, alphas, lr=group["lr"], scale=group["scale"],
                      unconstrained=group["unconstrained"], backend=self.backend)
-        if self.light and _averages(group["momentum"]):
+        if self.light and averages(group["momentum"]):
             torch._foreach_mul_(local(part.grads()), 1 - group["momentum"])
 
     def _run_newton_schulz(self, part: Part) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from . import _backend, distributed
 from ._validate import real_tensor
-from .engine import NONFINITE, Engine, _averages, check_hyper, local, param_name, param_where, step_local
+from .engine import NONFINITE, Engine, averages, check_hyper, local, param_name, param_where, step_local
 from .lmo import make_norm
 
 GROUP_KEYS = ("params", "lr", "momentum", "norm", "norm_kwargs", "scale", "unconstrained")  # a Scion group's own keys
@@ -229,7 +229,7 @@ class ScionLight(Scion):
         group has momentum != 1 and one of its params carries a gradient (Lightning zeroes every step unless
         the LightningModule overrides ``optimizer_zero_grad``). ``model.zero_grad()`` goes unseen."""
         if not getattr(self, "_warned_zero_grad", False) and any(
-                _averages(g["momentum"]) and any(p.grad is not None for p in g["params"]) for g in self.param_groups):
+                averages(g["momentum"]) and any(p.grad is not None for p in g["params"]) for g in self.param_groups):
             self._warned_zero_grad = True
             warnings.warn("ScionLight.zero_grad() wipes the momentum that ScionLight keeps in p.grad (momentum != 1): "
                           "do not zero gradients between ScionLight steps (in Lightning: override the "
